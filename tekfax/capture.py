@@ -1,0 +1,212 @@
+"""Curvature capture: one forward pass, two backward passes (ALGORITHMS.md section 1)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tekfax import losses
+from tekfax.tagging import LayerMeta, stat_dtype, tag_layers
+
+FISHER_MODES = ("sampled", "empirical")
+
+
+@flax.struct.dataclass
+class LayerStats:
+    """Per-layer curvature statistics of one batch.
+
+    Attributes:
+      inputs: the layer's raw inputs, (N, ..., features), in float32 or wider.
+      out_grads: per-example output gradients d l_n / d s (not divided by N), with a leading
+        sample axis: (num_samples, N, ..., d_out). For ``fisher="empirical"`` num_samples is 1.
+      meta: static :class:`~tekfax.tagging.LayerMeta` (kind, kernel size, strides, explicit
+        padding, dilation, bias); it is pytree metadata, not a leaf.
+    """
+
+    inputs: jax.Array
+    out_grads: jax.Array
+    meta: LayerMeta = flax.struct.field(pytree_node=False)
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.meta.kernel_size
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return self.meta.strides
+
+    @property
+    def padding(self) -> tuple[tuple[int, int], ...]:
+        return self.meta.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.meta.dilation
+
+    @property
+    def has_bias(self) -> bool:
+        return self.meta.has_bias
+
+
+class CurvatureOutput(NamedTuple):
+    """What :func:`loss_and_curvature` returns."""
+
+    loss: jax.Array
+    grads: Any
+    stats: Any
+    aux: Any
+
+
+def _split_output(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            "tekfax: with has_aux=True, logits_fn must return a pair (logits, aux); got "
+            f"{type(out).__name__}."
+        )
+    return out
+
+
+def discover_layers(logits_fn: Callable, params: Any, has_aux: bool = False) -> dict:
+    """Traces ``logits_fn`` abstractly and returns the tagged layers it calls, by name."""
+    with tag_layers() as found:
+        jax.eval_shape(lambda p: _split_output(logits_fn(p), has_aux)[0], params)
+    if not found:
+        raise ValueError(
+            "tekfax: logits_fn called no flax.linen.Dense or flax.linen.Conv layer, so there is "
+            "no curvature to capture. Build the model from nn.Dense / nn.Conv modules."
+        )
+    return dict(found)
+
+
+def nest_by_name(flat: Mapping[str, Any]) -> Any:
+    """{"Block_0/Conv_0": x} -> {"Block_0": {"Conv_0": x}}; the root layer ("") maps to x."""
+    if "" in flat:
+        return flat[""]
+    nested: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return nested
+
+
+def iter_layer_stats(stats: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, LayerStats]]:
+    """Yields ``(name, LayerStats)`` for every layer in a nested stats tree."""
+    if isinstance(stats, LayerStats):
+        yield "/".join(prefix), stats
+    elif isinstance(stats, Mapping):
+        for key, value in stats.items():
+            yield from iter_layer_stats(value, prefix + (str(key),))
+    else:
+        raise TypeError(
+            "tekfax: stats must be the nested dict of LayerStats returned by "
+            f"tekfax.loss_and_curvature(...).stats; found {type(stats).__name__} at "
+            f"'{'/'.join(prefix)}'."
+        )
+
+
+def check_capture_args(loss: str, fisher: str, rng: Any, num_samples: int) -> None:
+    losses.check_loss(loss)
+    if fisher not in FISHER_MODES:
+        raise ValueError(f"tekfax: unknown fisher={fisher!r}; choose 'sampled' or 'empirical'.")
+    if fisher == "sampled" and rng is None:
+        raise ValueError(
+            "tekfax: fisher='sampled' draws labels from the model, so it needs rng=a "
+            "jax.random key (or pass fisher='empirical' to use the data labels)."
+        )
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"tekfax: num_samples must be a positive int, got {num_samples!r}.")
+
+
+def loss_and_curvature(
+    logits_fn: Callable[[Any], Any],
+    params: Any,
+    targets: jax.Array,
+    *,
+    loss: str = "softmax_cross_entropy",
+    fisher: str = "sampled",
+    rng: jax.Array | None = None,
+    has_aux: bool = False,
+    num_samples: int = 1,
+) -> CurvatureOutput:
+    """Loss, exact gradients and per-layer curvature statistics from one forward pass.
+
+    ``logits_fn(params)`` runs once under :func:`tekfax.tag_layers`; ``jax.vjp`` keeps its
+    residuals and backpropagates twice: the data-label loss gives ``grads`` (exactly
+    ``jax.grad`` of the batch-mean loss), and loss gradients at labels drawn from the model
+    (``fisher="sampled"``, the true Fisher) give the output gradients u of ALGORITHMS.md
+    section 1. ``fisher="empirical"`` reuses the first pass's output gradients instead.
+
+    Args:
+      logits_fn: params -> logits, or (logits, aux) with ``has_aux=True``.
+      params: the parameters to differentiate.
+      targets: data labels (integers for softmax cross-entropy).
+      loss: ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or
+        ``"squared_error"``; see :mod:`tekfax.losses`.
+      fisher: ``"sampled"`` (default) or ``"empirical"``.
+      rng: a ``jax.random`` key, required for ``fisher="sampled"``.
+      has_aux: whether ``logits_fn`` returns ``(logits, aux)``.
+      num_samples: label draws per example; the statistics average over them.
+
+    Returns:
+      ``CurvatureOutput(loss, grads, stats, aux)``; ``stats`` mirrors the params tree down
+      to each tagged layer's dict, which holds a :class:`LayerStats`.
+
+    Example:
+      >>> out = tekfax.loss_and_curvature(lambda p: model.apply({"params": p}, x),
+      ...                                 params, y, rng=jax.random.key(0))  # doctest: +SKIP
+      >>> updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+    """
+    check_capture_args(loss, fisher, rng, num_samples)
+    found = discover_layers(logits_fn, params, has_aux)
+    probes = {
+        name: (
+            jnp.zeros(d.outputs.shape, d.outputs.dtype),
+            jnp.zeros(d.inputs.shape, d.inputs.dtype),
+        )
+        for name, d in found.items()
+    }
+
+    def tapped(p, probes):
+        with tag_layers(probes):
+            return _split_output(logits_fn(p), has_aux)
+
+    logits, vjp_fn, aux = jax.vjp(tapped, params, probes, has_aux=True)
+    batch = logits.shape[0]
+    loss_fn = functools.partial(losses.mean_loss, loss)
+    loss_value, dlogits = jax.value_and_grad(loss_fn)(logits, targets)
+    grads, probe_grads = vjp_fn(dlogits.astype(logits.dtype))
+
+    if fisher == "empirical":
+        out_grads = {name: g[None] for name, (g, _) in probe_grads.items()}
+    else:
+
+        def sampled_out_grads(key):
+            sampled = losses.sample_targets(loss, key, logits)
+            cotangent = jax.grad(loss_fn)(logits, sampled).astype(logits.dtype)
+            return {name: g for name, (g, _) in vjp_fn(cotangent)[1].items()}
+
+        out_grads = jax.vmap(sampled_out_grads)(jax.random.split(rng, num_samples))
+
+    stats = {}
+    for name, d in found.items():
+        dtype = stat_dtype(d.outputs.dtype)
+        stats[name] = LayerStats(
+            inputs=probe_grads[name][1],
+            out_grads=out_grads[name].astype(dtype) * batch,  # d l_n / d s = N * d L / d s
+            meta=d.meta,
+        )
+    return CurvatureOutput(loss_value, grads, nest_by_name(stats), aux)

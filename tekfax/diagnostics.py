@@ -1,0 +1,191 @@
+"""Diagnostics: dense Fisher blocks, approximate and exact, for small models.
+
+Every block is ordered like ``jax.flatten_util.ravel_pytree(params_of_that_layer)[0]``: for a
+Flax Dense or Conv that is the bias first, then the kernel flattened row-major. That is the
+ravel of the kernel-layout matrix of :mod:`tekfax.patches`, so a block in the eigenbasis is
+(Q_in (x) Q_out) diag(vec D) (Q_in (x) Q_out)^T with ``jnp.kron``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tekfax import losses
+from tekfax.capture import check_capture_args, discover_layers, nest_by_name
+from tekfax.damping import safe_div
+from tekfax.kronecker import LayerCurvature, ScaleByKroneckerState
+
+
+def find_kronecker_state(opt_state: Any) -> ScaleByKroneckerState:
+    """The ``ScaleByKroneckerState`` inside an optimizer state (chains, inject_hyperparams)."""
+    if isinstance(opt_state, ScaleByKroneckerState):
+        return opt_state
+    children = (
+        opt_state.values()
+        if isinstance(opt_state, Mapping)
+        else (opt_state if isinstance(opt_state, tuple | list) else ())
+    )
+    for child in children:
+        try:
+            return find_kronecker_state(child)
+        except ValueError:
+            continue
+    raise ValueError(
+        "tekfax: opt_state holds no tekfax Kronecker state; pass the state of a tekfax "
+        "optimizer (tekfax.kfac, ekfac, tkfac, tekfac or scale_by_*)."
+    )
+
+
+def _eigen_block(q_in: jax.Array, q_out: jax.Array, diagonal: jax.Array) -> jax.Array:
+    q = jnp.kron(q_in, q_out)
+    return (q * diagonal.reshape(1, -1)) @ q.T
+
+
+def undamped_diagonal(layer: LayerCurvature) -> jax.Array:
+    """The un-damped block's eigenvalues in kernel layout (ALGORITHMS.md section 2).
+
+    EKFAC/TEKFAC: S. TKFAC: delta outer(eig Phi, eig Psi) = outer(eig M_Phi, eig M_Psi)/delta.
+    KFAC: outer(eig A, eig G).
+    """
+    if layer.rescale is not None:
+        return layer.rescale
+    diagonal = jnp.outer(layer.eig_in, layer.eig_out)
+    return diagonal if layer.delta is None else safe_div(diagonal, layer.delta)
+
+
+def approx_fisher_blocks(opt_state: Any) -> Any:
+    """Dense un-damped approximate Fisher block per layer, as the optimizer holds it.
+
+    KFAC: A (x) G; TKFAC: delta Phi (x) Psi; EKFAC/TEKFAC: Q diag(S) Q^T; all built from the
+    cached eigendecomposition the preconditioner uses. Returns a nested dict like ``stats``.
+    """
+    state = find_kronecker_state(opt_state)
+    return nest_by_name(
+        {
+            name: _eigen_block(layer.q_in, layer.q_out, undamped_diagonal(layer))
+            for name, layer in state.layers.items()
+        }
+    )
+
+
+def damped_fisher_blocks(opt_state: Any) -> Any:
+    """Dense damped block per layer: exactly the matrix whose inverse the last update applied.
+
+    The preconditioned gradient of ``scale_by_X`` equals, layer by layer,
+    ``solve(damped_block, ravelled_grad)``.
+    """
+    state = find_kronecker_state(opt_state)
+    return nest_by_name(
+        {
+            name: _eigen_block(layer.q_in, layer.q_out, layer.damped)
+            for name, layer in state.layers.items()
+        }
+    )
+
+
+def _output_fisher(loss: str, logits: jax.Array) -> jax.Array:
+    """E_y[r r^T] per example, r = d l_n / d f: the Fisher of the output distribution."""
+    n = logits.shape[0]
+    if loss == "softmax_cross_entropy":
+        p = jax.nn.softmax(logits, axis=-1).reshape(n, -1, logits.shape[-1])
+        per_position = jax.vmap(jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q)))(p)
+        eye = jnp.eye(p.shape[1], dtype=p.dtype)
+        blocks = jnp.einsum("ntkl,ts->ntksl", per_position, eye)
+        size = p.shape[1] * p.shape[2]
+        return blocks.reshape(n, size, size)
+    flat = logits.reshape(n, -1)
+    if loss == "sigmoid_binary_cross_entropy":
+        p = jax.nn.sigmoid(flat)
+        return jax.vmap(jnp.diag)(p * (1 - p))
+    return jnp.broadcast_to(jnp.eye(flat.shape[1], dtype=flat.dtype), (n,) + 2 * flat.shape[1:])
+
+
+def exact_fisher_blocks(
+    logits_fn: Callable[[Any], jax.Array],
+    params: Any,
+    targets: jax.Array,
+    *,
+    loss: str = "softmax_cross_entropy",
+    fisher: str = "sampled",
+    rng: jax.Array | None = None,
+    num_samples: int = 1,
+) -> Any:
+    """Brute-force Fisher blocks from per-example gradients, for small models.
+
+    Per-example gradients are J_n^T r_n, with J the Jacobian of the logits with respect to
+    the parameters (``jax.jacrev``) and r_n = d l_n / d f. The block of a layer is
+    F = E_n[vec(gradW_n) vec(gradW_n)^T] over its parameters, ordered like
+    ``ravel_pytree``. ``fisher``:
+
+    * ``"empirical"``: r_n at the data labels;
+    * ``"sampled"``: r_n at labels drawn exactly as :func:`tekfax.loss_and_curvature` draws
+      them from ``rng`` (so the two see the same labels);
+    * ``"expected"``: the true Fisher in closed form, E_n[J_n^T E_y[r r^T] J_n].
+
+    Models that couple examples (BatchNorm in training mode) have no per-example gradient;
+    use them in inference mode here.
+    """
+    check_capture_args(loss, "empirical" if fisher == "expected" else fisher, rng, num_samples)
+    names = sorted(discover_layers(logits_fn, params))
+    logits = logits_fn(params)
+    n = logits.shape[0]
+    jac = jax.jacrev(logits_fn)(params)
+    loss_fn = functools.partial(losses.mean_loss, loss)
+    if fisher == "empirical":
+        residuals = n * jax.grad(loss_fn)(logits, targets)[None]
+    elif fisher == "sampled":
+        keys = jax.random.split(rng, num_samples)
+        residuals = jnp.stack(
+            [
+                n * jax.grad(loss_fn)(logits, losses.sample_targets(loss, key, logits))
+                for key in keys
+            ]
+        )
+    residuals = None if fisher == "expected" else residuals.reshape(residuals.shape[:2] + (-1,))
+
+    blocks = {}
+    for name in names:
+        node = jac
+        for key in name.split("/") if name else ():
+            node = node[key]
+        parts = [node[k] for k in ("bias", "kernel") if k in node]
+        j = jnp.concatenate([p.reshape(n, logits[0].size, -1) for p in parts], axis=-1)
+        if fisher == "expected":
+            h = _output_fisher(loss, logits).astype(j.dtype)
+            blocks[name] = jnp.einsum("ncp,ncd,ndq->pq", j, h, j) / n
+        else:
+            g = jnp.einsum("ncp,snc->snp", j, residuals.astype(j.dtype))
+            blocks[name] = jnp.einsum("snp,snq->pq", g, g) / (g.shape[0] * n)
+    return nest_by_name(blocks)
+
+
+def _iter_blocks(blocks: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, jax.Array]]:
+    if isinstance(blocks, Mapping):
+        for key, value in blocks.items():
+            yield from _iter_blocks(value, prefix + (str(key),))
+    else:
+        yield "/".join(prefix), blocks
+
+
+def approximation_errors(approx: Any, exact_blocks: Any, *, damped: bool = False) -> Any:
+    """Frobenius errors |F - F_approx|_F per layer, as a nested dict of scalars.
+
+    Args:
+      approx: an optimizer state (its :func:`approx_fisher_blocks`, or
+        :func:`damped_fisher_blocks` with ``damped=True``) or a blocks tree.
+      exact_blocks: the reference, e.g. from :func:`exact_fisher_blocks`.
+    """
+    if not isinstance(approx, Mapping | jax.Array):
+        approx = damped_fisher_blocks(approx) if damped else approx_fisher_blocks(approx)
+    approx_flat = dict(_iter_blocks(approx))
+    errors = {}
+    for name, block in _iter_blocks(exact_blocks):
+        if name not in approx_flat:
+            raise ValueError(f"tekfax: layer '{name}' has an exact block but no approximate one.")
+        errors[name] = jnp.linalg.norm(block - approx_flat[name].astype(block.dtype))
+    return nest_by_name(errors)

@@ -1,0 +1,61 @@
+"""Losses and their model-distribution samplers (ALGORITHMS.md section 1).
+
+Each loss is a negative log-likelihood l_n = -log p(y_n | f(x_n)). The per-example loss sums
+over every non-batch axis of the outputs (positions and output units), so l_n is the
+log-likelihood of the whole example; the training loss is the batch mean of l_n.
+
+For the true ("sampled") Fisher, ``sample_targets`` draws y_n from the model's own
+predictive distribution:
+
+* ``softmax_cross_entropy``: integer labels, categorical sampling;
+* ``sigmoid_binary_cross_entropy``: {0, 1} targets, Bernoulli sampling;
+* ``squared_error``: 0.5 * |f - y|^2, i.e. a unit-variance Gaussian, y = f + N(0, I).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LOSSES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy", "squared_error")
+
+
+def check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"tekfax: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
+
+
+def _per_element(loss: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    check_loss(loss)
+    if loss == "softmax_cross_entropy":
+        return optax.softmax_cross_entropy_with_integer_labels
+    if loss == "sigmoid_binary_cross_entropy":
+        return optax.sigmoid_binary_cross_entropy
+    return lambda outputs, targets: 0.5 * jnp.square(outputs - targets)
+
+
+def per_example_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """l_n for every example: the per-element loss summed over all non-batch axes."""
+    values = _per_element(loss)(outputs, targets)
+    return values.reshape(values.shape[0], -1).sum(axis=1)
+
+
+def mean_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """The training loss: the batch mean of l_n."""
+    return per_example_loss(
+        loss, outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32)), targets
+    ).mean()
+
+
+def sample_targets(loss: str, rng: jax.Array, outputs: jax.Array) -> jax.Array:
+    """Draws y ~ p(. | f(x)) from the model's predictive distribution (true Fisher)."""
+    check_loss(loss)
+    outputs = jax.lax.stop_gradient(outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32)))
+    if loss == "softmax_cross_entropy":
+        return jax.random.categorical(rng, outputs, axis=-1)
+    if loss == "sigmoid_binary_cross_entropy":
+        return jax.random.bernoulli(rng, jax.nn.sigmoid(outputs)).astype(outputs.dtype)
+    return outputs + jax.random.normal(rng, outputs.shape, outputs.dtype)
