@@ -20,7 +20,12 @@ from tekfax.alias import (
 )
 from tekfax.capture import CurvatureOutput, LayerStats, loss_and_curvature
 from tekfax.eadam import ScaleByEAdamState, eadam, scale_by_eadam
-from tekfax.kronecker import LayerCurvature, ScaleByKroneckerState, scale_by_kronecker
+from tekfax.kronecker import (
+    LayerCurvature,
+    ScaleByKroneckerState,
+    scale_by_kronecker,
+    stats_needed,
+)
 from tekfax.tagging import LayerMeta, tag_layers
 
 __version__ = "0.1.0"
@@ -43,6 +48,7 @@ __all__ = [
     "scale_by_kronecker",
     "scale_by_tekfac",
     "scale_by_tkfac",
+    "stats_needed",
     "tag_layers",
     "tekfac",
     "tkfac",

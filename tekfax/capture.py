@@ -141,6 +141,7 @@ def loss_and_curvature(
     rng: jax.Array | None = None,
     has_aux: bool = False,
     num_samples: int = 1,
+    compute_stats: bool | jax.Array = True,
 ) -> CurvatureOutput:
     """Loss, exact gradients and per-layer curvature statistics from one forward pass.
 
@@ -160,6 +161,10 @@ def loss_and_curvature(
       rng: a ``jax.random`` key, required for ``fisher="sampled"``.
       has_aux: whether ``logits_fn`` returns ``(logits, aux)``.
       num_samples: label draws per example; the statistics average over them.
+      compute_stats: whether the optimizer will consume ``stats`` on this step; pass
+        ``tekfax.stats_needed(opt_state)``. When false (a traced bool is fine: the choice is
+        made by ``lax.cond`` at run time, without recompiling) the sampled-label backward
+        pass is skipped and ``out_grads`` are zeros.
 
     Returns:
       ``CurvatureOutput(loss, grads, stats, aux)``; ``stats`` mirrors the params tree down
@@ -199,7 +204,18 @@ def loss_and_curvature(
             cotangent = jax.grad(loss_fn)(logits, sampled).astype(logits.dtype)
             return {name: g for name, (g, _) in vjp_fn(cotangent)[1].items()}
 
-        out_grads = jax.vmap(sampled_out_grads)(jax.random.split(rng, num_samples))
+        def sampled_pass():
+            return jax.vmap(sampled_out_grads)(jax.random.split(rng, num_samples))
+
+        def skipped_pass():
+            return jax.tree_util.tree_map(
+                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(sampled_pass)
+            )
+
+        if isinstance(compute_stats, bool):
+            out_grads = sampled_pass() if compute_stats else skipped_pass()
+        else:
+            out_grads = jax.lax.cond(compute_stats, sampled_pass, skipped_pass)
 
     stats = {}
     for name, d in found.items():

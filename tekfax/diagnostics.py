@@ -18,27 +18,7 @@ import jax.numpy as jnp
 from tekfax import losses
 from tekfax.capture import check_capture_args, discover_layers, nest_by_name
 from tekfax.damping import safe_div
-from tekfax.kronecker import LayerCurvature, ScaleByKroneckerState
-
-
-def find_kronecker_state(opt_state: Any) -> ScaleByKroneckerState:
-    """The ``ScaleByKroneckerState`` inside an optimizer state (chains, inject_hyperparams)."""
-    if isinstance(opt_state, ScaleByKroneckerState):
-        return opt_state
-    children = (
-        opt_state.values()
-        if isinstance(opt_state, Mapping)
-        else (opt_state if isinstance(opt_state, tuple | list) else ())
-    )
-    for child in children:
-        try:
-            return find_kronecker_state(child)
-        except ValueError:
-            continue
-    raise ValueError(
-        "tekfax: opt_state holds no tekfax Kronecker state; pass the state of a tekfax "
-        "optimizer (tekfax.kfac, ekfac, tkfac, tekfac or scale_by_*)."
-    )
+from tekfax.kronecker import LayerCurvature, find_kronecker_state
 
 
 def _eigen_block(q_in: jax.Array, q_out: jax.Array, diagonal: jax.Array) -> jax.Array:

@@ -75,11 +75,46 @@ class ScaleByKroneckerState(NamedTuple):
       count: number of updates so far (int32).
       ema_weight: bias-correction weight w of the factor moving averages (section 3).
       layers: ``LayerCurvature`` per tagged layer, keyed by its ``/``-joined params path.
+      needs_stats: whether the next update consumes the statistics (a factor, or for
+        EKFAC/TEKFAC an S, update is due); see :func:`stats_needed`.
     """
 
     count: jax.Array
     ema_weight: jax.Array
     layers: dict[str, LayerCurvature]
+    needs_stats: jax.Array
+
+
+def find_kronecker_state(opt_state: Any) -> ScaleByKroneckerState:
+    """The ``ScaleByKroneckerState`` inside an optimizer state (chains, inject_hyperparams)."""
+    if isinstance(opt_state, ScaleByKroneckerState):
+        return opt_state
+    if isinstance(opt_state, Mapping):
+        children = opt_state.values()
+    else:
+        children = opt_state if isinstance(opt_state, tuple | list) else ()
+    for child in children:
+        try:
+            return find_kronecker_state(child)
+        except ValueError:
+            continue
+    raise ValueError(
+        "tekfax: opt_state holds no tekfax Kronecker state; pass the state of a tekfax "
+        "optimizer (tekfax.kfac, ekfac, tkfac, tekfac or scale_by_*)."
+    )
+
+
+def stats_needed(opt_state: Any) -> jax.Array:
+    """Whether the next ``update`` of this optimizer state reads ``stats`` (a bool array).
+
+    Pass it as ``compute_stats=`` to :func:`tekfax.loss_and_curvature` to skip the
+    sampled-label backward pass on steps where the statistics would be ignored:
+
+    >>> needed = tekfax.stats_needed(opt_state)  # doctest: +SKIP
+    >>> out = tekfax.loss_and_curvature(logits_fn, params, y, rng=rng,
+    ...                                 compute_stats=needed)  # doctest: +SKIP
+    """
+    return find_kronecker_state(opt_state).needs_stats
 
 
 def _is_layer(node: Any) -> bool:
@@ -255,7 +290,10 @@ def scale_by_kronecker(
                 ">= 2 and optionally a 'bias'); there is nothing to precondition."
             )
         return ScaleByKroneckerState(
-            count=jnp.zeros([], jnp.int32), ema_weight=jnp.zeros([], jnp.float32), layers=layers
+            count=jnp.zeros([], jnp.int32),
+            ema_weight=jnp.zeros([], jnp.float32),
+            layers=layers,
+            needs_stats=jnp.ones([], jnp.bool_),
         )
 
     def update_fn(updates, state, params=None, *, stats=None, **extra_args):
@@ -267,9 +305,7 @@ def scale_by_kronecker(
         old = {name: state.layers[name] for name in active}
         mats = {k: _layer_matrices(st, old[k].factor_in.dtype) for k, st in active.items()}
         count = state.count
-        do_curvature = count % curvature_every == 0
-        do_eigen = count % eigen_every == 0
-        do_rescale = do_eigen | (count % rescale_every == 0)
+        do_curvature, do_eigen, do_rescale = _schedule(count)
 
         # 1. Curvature estimate (section 2-3).
         def new_factors():
@@ -364,10 +400,23 @@ def scale_by_kronecker(
         new_updates = _replace_layers(
             updates, {k: matrix_to_grads(pre[k], grad_layers[k]) for k in active}
         )
+        next_count = optax.safe_int32_increment(count)
         new_state = ScaleByKroneckerState(
-            count=optax.safe_int32_increment(count), ema_weight=weight, layers=new_layers
+            count=next_count,
+            ema_weight=weight,
+            layers=new_layers,
+            needs_stats=_consumes_stats(next_count),
         )
         return new_updates, new_state
+
+    def _schedule(count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(factor update, eigenbasis refresh, S update) due at step ``count`` (section 3)."""
+        do_eigen = count % eigen_every == 0
+        return count % curvature_every == 0, do_eigen, do_eigen | (count % rescale_every == 0)
+
+    def _consumes_stats(count: jax.Array) -> jax.Array:
+        do_curvature, _, do_rescale = _schedule(count)
+        return do_curvature | (do_rescale if eigen_corrected else False)
 
     def _unit_trace(q_in, eig_in, q_out, eig_out, delta):
         """Eigenvalues of the unit-trace factors and the trace scale delta of the block.

@@ -40,8 +40,14 @@ class ConvNet(nn.Module):
     @nn.compact
     def __call__(self, x):
         for c in self.channels:
-            x = nn.Conv(c, tuple(self.kernel_size), strides=self.strides, padding=self.padding,
-                        kernel_dilation=self.dilation, use_bias=self.use_bias)(x)
+            x = nn.Conv(
+                c,
+                tuple(self.kernel_size),
+                strides=self.strides,
+                padding=self.padding,
+                kernel_dilation=self.dilation,
+                use_bias=self.use_bias,
+            )(x)
             x = jnp.tanh(x)
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes)(x)
@@ -59,8 +65,9 @@ class SequenceDense(nn.Module):
         return nn.Dense(self.num_classes)(h.mean(axis=1))
 
 
-def setup(model: nn.Module, x_shape: Sequence[int], num_classes: int, dtype=jnp.float32,
-          seed: int = 0):
+def setup(
+    model: nn.Module, x_shape: Sequence[int], num_classes: int, dtype=jnp.float32, seed: int = 0
+):
     """Returns (logits_fn, params, x, y) with params and inputs cast to ``dtype``."""
     kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(kx, tuple(x_shape), dtype)
