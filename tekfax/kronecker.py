@@ -329,15 +329,15 @@ def scale_by_kronecker(
 
         # 2. Eigenbasis refresh (section 3).
         def refresh():
-            out = {}
+            estimates = {}
             for k, (f_in, f_out) in factors.items():
-                est_in, est_out = (
-                    f_in / weight.astype(f_in.dtype),
-                    f_out / weight.astype(f_in.dtype),
-                )
-                eig_in, q_in = eigenbasis.eigh_psd(est_in)
-                eig_out, q_out = eigenbasis.eigh_psd(est_out)
-                delta = jnp.trace(est_in) if tkfac else None
+                w = weight.astype(f_in.dtype)
+                estimates[k, "in"], estimates[k, "out"] = f_in / w, f_out / w
+            decomposed = eigenbasis.eigh_psd_grouped(estimates)
+            out = {}
+            for k in factors:
+                (eig_in, q_in), (eig_out, q_out) = decomposed[k, "in"], decomposed[k, "out"]
+                delta = jnp.trace(estimates[k, "in"]) if tkfac else None
                 out[k] = (q_in, eig_in, q_out, eig_out, delta)
             return out
 
