@@ -189,23 +189,26 @@ class _Interceptor:
         if context.method_name != "__call__" or not isinstance(module, TAGGED_MODULES):
             return next_fun(*args, **kwargs)
         name = "/".join(module.scope.path)
-        if name in self._active:  # A subclass calling super().__call__: tag once.
-            return next_fun(*args, **kwargs)
-        if name in self.discovered:
+        outermost = name not in self._active
+        if outermost and name in self.discovered:
             raise ValueError(
                 f"tekfax: layer '{name}' ({type(module).__name__}) was called more than once in "
                 "one apply. Shared weights have no single Kronecker-factored block; give each "
                 "call its own module."
             )
-        inputs = args[0] if args else kwargs["inputs"]
-        meta = layer_meta(module, inputs)
         self._active.add(name)
         try:
             outputs = next_fun(*args, **kwargs)
         finally:
-            self._active.discard(name)
+            if outermost:
+                self._active.discard(name)
+        if name in self.discovered:
+            # A subclass called super().__call__: the innermost level, the real Dense/Conv
+            # whose output is the pre-activation s = W a, is already tagged.
+            return outputs
+        inputs = args[0] if args else kwargs["inputs"]
         self.discovered[name] = _Discovered(
-            meta,
+            layer_meta(module, inputs),
             jax.ShapeDtypeStruct(inputs.shape, stat_dtype(inputs.dtype)),
             jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
         )
