@@ -70,7 +70,7 @@ def _make_preset(name: str):
         conv_rescale: str = "per_example",
         norm_constraint: float | None = None,
         learning_rate: optax.ScalarOrSchedule | None = None,
-        **kwargs,
+        pi_adjusted: bool = False,
     ) -> optax.GradientTransformationExtraArgs:
         return scale_by_kronecker(
             estimator=estimator,
@@ -85,7 +85,7 @@ def _make_preset(name: str):
             conv_rescale=conv_rescale,
             norm_constraint=norm_constraint,
             learning_rate=learning_rate,
-            **kwargs,
+            pi_adjusted=pi_adjusted,
         )
 
     scale_by.__name__ = scale_by.__qualname__ = f"scale_by_{name}"
@@ -107,10 +107,30 @@ def _make_preset(name: str):
         *,
         damping: float | jax.Array | None = None,
         momentum: float = 0.9,
-        **kwargs,
+        nu: float | jax.Array | None = None,
+        ema: float = 0.95,
+        rescale_ema: float = 0.95,
+        curvature_every: int = 1,
+        eigen_every: int = 100,
+        rescale_every: int = 1,
+        conv_rescale: str = "per_example",
+        norm_constraint: float | None = None,
+        pi_adjusted: bool = False,
     ) -> optax.GradientTransformationExtraArgs:
         return optax.chain(
-            scale_by(damping=damping, learning_rate=learning_rate, **kwargs),
+            scale_by(
+                damping=damping,
+                nu=nu,
+                ema=ema,
+                rescale_ema=rescale_ema,
+                curvature_every=curvature_every,
+                eigen_every=eigen_every,
+                rescale_every=rescale_every,
+                conv_rescale=conv_rescale,
+                norm_constraint=norm_constraint,
+                learning_rate=learning_rate,
+                pi_adjusted=pi_adjusted,
+            ),
             optax.trace(decay=momentum),
             optax.scale_by_learning_rate(learning_rate),
         )

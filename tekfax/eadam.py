@@ -41,11 +41,12 @@ def scale_by_eadam(
         mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
         nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g + eps, state.nu, updates)
         count = optax.safe_int32_increment(state.count)
-        t = count.astype(jnp.float32)
-        c1, c2 = 1 - b1**t, 1 - b2**t
-        new = jax.tree_util.tree_map(
-            lambda m, v: ((m / c1) / jnp.sqrt(v / c2)).astype(m.dtype), mu, nu
-        )
+
+        def scale(m, v):  # Bias corrections in the moments' precision (float32 or wider).
+            t = count.astype(jnp.promote_types(m.dtype, jnp.float32))
+            return ((m / (1 - b1**t)) / jnp.sqrt(v / (1 - b2**t))).astype(m.dtype)
+
+        new = jax.tree_util.tree_map(scale, mu, nu)
         return new, ScaleByEAdamState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,555 @@
+"""The presets and aliases follow optax's conventions (API.md, "Optimizers"; STYLE.md).
+
+Every test runs for the four presets and for the trace-adaptive (``nu``) variants of TKFAC and
+TEKFAC. References are built by hand from the pieces the contract names: the full alias is
+``chain(scale_by_X, trace(momentum), scale_by_learning_rate(lr))``, so P(g) comes from
+``scale_by_X`` and momentum and learning rate are applied in NumPy.
+
+Most tests use a one-layer softmax regression so that each jitted update compiles quickly;
+``eigen_every=2`` puts eigenbasis refreshes on steps 0 and 2 of the three-step sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tekfax
+from tests.models import MLP
+
+LR = 0.1
+TAU = 0.9
+DAMPING = 1e-2
+NU = 10.0  # above the layers' trace delta (about 3), so the nu rule binds
+EIGEN_EVERY = 2
+STEPS = 3
+N, D_IN, CLASSES = 16, 3, 4
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+# case id -> (preset, the hyperparameters that set its damping)
+CASES = {
+    "kfac": ("kfac", {"damping": DAMPING}),
+    "ekfac": ("ekfac", {"damping": DAMPING}),
+    "tkfac": ("tkfac", {"damping": DAMPING}),
+    "tekfac": ("tekfac", {"damping": DAMPING}),
+    "tkfac-nu": ("tkfac", {"nu": NU}),
+    "tekfac-nu": ("tekfac", {"nu": NU}),
+}
+PRESETS = ("kfac", "ekfac", "tkfac", "tekfac")
+MODEL = MLP(features=(CLASSES,))
+
+all_cases = pytest.mark.parametrize("case", list(CASES))
+all_presets = pytest.mark.parametrize("preset", PRESETS)
+
+
+def _scale_by(case: str, **overrides) -> optax.GradientTransformationExtraArgs:
+    preset, hyper = CASES[case]
+    kwargs = {**hyper, "eigen_every": EIGEN_EVERY, **overrides}
+    return getattr(tekfax, f"scale_by_{preset}")(**kwargs)
+
+
+def _alias(case: str, learning_rate=LR, **overrides) -> optax.GradientTransformationExtraArgs:
+    preset, hyper = CASES[case]
+    kwargs = {**hyper, "momentum": TAU, "eigen_every": EIGEN_EVERY, **overrides}
+    return getattr(tekfax, preset)(learning_rate, **kwargs)
+
+
+def _capture(params, x, y, rng):
+    return tekfax.loss_and_curvature(lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng)
+
+
+def _batch(k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    kx, ky, kr = jax.random.split(jax.random.key(100 + k), 3)
+    x = jax.random.normal(kx, (N, D_IN)) * (1.0 + k)
+    return x, jax.random.randint(ky, (N,), 0, CLASSES), kr
+
+
+@functools.cache
+def _data():
+    """Fixed params and STEPS + 1 different (grads, stats) pairs at those params."""
+    params = MODEL.init(jax.random.key(0), jnp.zeros((1, D_IN)))["params"]
+    capture = jax.jit(_capture)
+    batches = []
+    for k in range(STEPS + 1):
+        out = capture(params, *_batch(k))
+        batches.append((out.grads, out.stats))
+    return params, batches
+
+
+@functools.cache
+def _jitted(case: str, kind: str):
+    """(optimizer, jitted update) shared between tests: kind is "scale_by" or "alias"."""
+    opt = _scale_by(case) if kind == "scale_by" else _alias(case)
+    return opt, jax.jit(opt.update)
+
+
+def _run(update, state, steps: int = STEPS):
+    params, batches = _data()
+    updates = []
+    for grads, stats in batches[:steps]:
+        u, state = update(grads, state, params, stats=stats)
+        updates.append(u)
+    return updates, state
+
+
+@functools.cache
+def _preconditioned(case: str) -> list:
+    """P(g_k) of scale_by_X over the sequence, as float64 NumPy trees."""
+    params, _ = _data()
+    opt, update = _jitted(case, "scale_by")
+    updates, _ = _run(update, opt.init(params))
+    return [jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), u) for u in updates]
+
+
+def _tree_vdot(a, b) -> float:
+    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    return float(
+        sum(np.vdot(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in leaves)
+    )
+
+
+def _assert_trees_differ(a, b):
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)]) for t in (a, b))
+    assert np.max(np.abs(a - b)) > 1e-3 * np.max(np.abs(b)), "expected the updates to differ"
+
+
+# --- extra arguments -------------------------------------------------------------------
+
+
+@all_cases
+@pytest.mark.parametrize("kind", ["scale_by", "alias"])
+def test_update_without_stats_says_how_to_get_them(case, kind):
+    params, batches = _data()
+    opt = _scale_by(case) if kind == "scale_by" else _alias(case)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="loss_and_curvature") as info:
+        opt.update(batches[0][0], state, params)
+    assert "stats=" in str(info.value)
+
+
+@all_cases
+@pytest.mark.parametrize("kind", ["scale_by", "alias"])
+def test_other_extra_args_are_accepted_and_ignored(case, kind):
+    """Extra keyword arguments leave the traced computation identical."""
+    params, batches = _data()
+    opt = _scale_by(case) if kind == "scale_by" else _alias(case)
+    grads, stats = batches[0]
+    state = opt.init(params)
+
+    def trace(**extra_args):
+        def update(grads, state, stats):
+            return opt.update(grads, state, params, stats=stats, **extra_args)
+
+        return str(jax.make_jaxpr(update)(grads, state, stats))
+
+    assert trace(foo=1, bar=jnp.ones(3), loss=jnp.zeros(())) == trace()
+
+
+# --- composition -----------------------------------------------------------------------
+
+
+@all_cases
+def test_composes_in_chain_like_the_pieces_by_hand(case):
+    params, batches = _data()
+    max_norm = 0.5 * min(float(optax.tree.norm(g)) for g, _ in batches[:STEPS])
+    weight_decay = 0.3
+    chain = optax.chain(
+        optax.clip_by_global_norm(max_norm),
+        _scale_by(case),
+        optax.add_decayed_weights(weight_decay),
+    )
+    chain_updates, _ = _run(jax.jit(chain.update), chain.init(params))
+
+    pre, update = _jitted(case, "scale_by")
+    pre_state = pre.init(params)
+    for k, (grads, stats) in enumerate(batches[:STEPS]):
+        norm = float(optax.tree.norm(grads))
+        assert norm > max_norm  # the clip is active
+        clipped = jax.tree_util.tree_map(lambda g, n=norm: g * (max_norm / n), grads)
+        p_grads, pre_state = update(clipped, pre_state, params, stats=stats)
+        expected = jax.tree_util.tree_map(lambda u, p: u + weight_decay * p, p_grads, params)
+        chex.assert_trees_all_close(chain_updates[k], expected, **TOL)
+
+
+@all_cases
+def test_alias_is_preconditioner_then_momentum_then_learning_rate(case):
+    params, _ = _data()
+    opt, update = _jitted(case, "alias")
+    updates, _ = _run(update, opt.init(params))
+    momentum = jax.tree_util.tree_map(np.zeros_like, _preconditioned(case)[0])
+    for k, p_grads in enumerate(_preconditioned(case)):
+        momentum = jax.tree_util.tree_map(lambda m, p: TAU * m + p, momentum, p_grads)
+        expected = jax.tree_util.tree_map(lambda m: -LR * m, momentum)
+        chex.assert_trees_all_close(updates[k], expected, **TOL)
+
+
+# --- hyperparameters -------------------------------------------------------------------
+
+
+@all_cases
+def test_inject_hyperparams_matches_plain_and_follows_changes(case):
+    preset, hyper = CASES[case]
+    (damping_name,) = hyper
+    params, batches = _data()
+    injected = optax.inject_hyperparams(getattr(tekfax, preset))(
+        learning_rate=LR, momentum=TAU, eigen_every=EIGEN_EVERY, **hyper
+    )
+    inject_update = jax.jit(injected.update)
+    state = injected.init(params)
+    assert {"learning_rate", "momentum", damping_name} <= set(state.hyperparams)
+
+    plain, plain_update = _jitted(case, "alias")
+    plain_updates, plain_state = _run(plain_update, plain.init(params))
+    inject_updates, state = _run(inject_update, state)
+    for got, expected in zip(inject_updates, plain_updates, strict=True):
+        chex.assert_trees_all_close(got, expected, **TOL)
+    chex.assert_trees_all_close(state.inner_state, plain_state, **TOL)
+
+    @jax.jit
+    def rebuilt_update(values, grads, opt_state, stats):
+        """A new optimizer constructed with the hyperparameters ``values``."""
+        opt = getattr(tekfax, preset)(
+            values["learning_rate"],
+            momentum=values["momentum"],
+            eigen_every=EIGEN_EVERY,
+            **{damping_name: values[damping_name]},
+        )
+        return opt.update(grads, opt_state, params, stats=stats)
+
+    grads, stats = batches[STEPS]
+    unchanged, _ = inject_update(grads, state, params, stats=stats)
+    base = {"learning_rate": LR, "momentum": TAU, damping_name: hyper[damping_name]}
+    for name, value in [
+        (damping_name, 10 * hyper[damping_name]),
+        ("learning_rate", 0.03),
+        ("momentum", 0.5),
+    ]:
+        hyperparams = dict(state.hyperparams)
+        hyperparams[name] = jnp.asarray(value, state.hyperparams[name].dtype)
+        got, _ = inject_update(grads, state._replace(hyperparams=hyperparams), params, stats=stats)
+        values = {k: jnp.asarray(v, jnp.float32) for k, v in {**base, name: value}.items()}
+        expected, _ = rebuilt_update(values, grads, state.inner_state, stats)
+        chex.assert_trees_all_close(got, expected, **TOL)
+        _assert_trees_differ(got, unchanged)
+
+
+@all_cases
+def test_learning_rate_schedule_is_evaluated_at_the_step(case):
+    params, _ = _data()
+    schedule = optax.exponential_decay(LR, transition_steps=1, decay_rate=0.5)
+    opt = _alias(case, learning_rate=schedule)
+    updates, _ = _run(jax.jit(opt.update), opt.init(params))
+    momentum = jax.tree_util.tree_map(np.zeros_like, _preconditioned(case)[0])
+    for k, p_grads in enumerate(_preconditioned(case)):
+        momentum = jax.tree_util.tree_map(lambda m, p: TAU * m + p, momentum, p_grads)
+        lr_k = LR * 0.5**k
+        expected = jax.tree_util.tree_map(lambda m, lr=lr_k: -lr * m, momentum)
+        chex.assert_trees_all_close(updates[k], expected, **TOL)
+
+
+# --- compilation -----------------------------------------------------------------------
+
+
+@all_cases
+def test_jitted_train_step_compiles_once_across_refreshes(case):
+    params, _ = _data()
+    opt = _alias(case)
+    traces = []
+
+    @jax.jit
+    def train_step(params, opt_state, x, y, rng):
+        traces.append(None)  # runs only while tracing
+        out = _capture(params, x, y, rng)
+        updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+        return optax.apply_updates(params, updates), opt_state, out.loss
+
+    opt_state = opt.init(params)
+    bases = []
+    for k in range(2 * EIGEN_EVERY):  # counts 0..3: refreshes on 0 and 2
+        params, opt_state, loss = train_step(params, opt_state, *_batch(k))
+        assert np.isfinite(float(loss))
+        bases.append(np.asarray(opt_state[0].layers["Dense_0"].q_in))
+    assert len(traces) == 1
+    assert int(opt_state[0].count) == 2 * EIGEN_EVERY
+    np.testing.assert_array_equal(bases[1], bases[0])  # no refresh on count 1
+    assert not np.array_equal(bases[2], bases[1])  # refresh on count 2
+
+
+# --- state -----------------------------------------------------------------------------
+
+
+def _check_state_node(node, where: str):
+    """Asserts ``node`` is an array, a NamedTuple or a str-keyed dict of such nodes.
+
+    Dicts appear where a state mirrors a tree: the per-layer map of ScaleByKroneckerState and
+    optax's params-shaped momentum trace.
+    """
+    if isinstance(node, jax.Array):
+        return
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        for field in node._fields:
+            value = getattr(node, field)
+            if value is not None:  # an optional field a preset does not use
+                _check_state_node(value, f"{where}.{field}")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            assert isinstance(key, str), f"{where}: non-string key {key!r}"
+            _check_state_node(value, f"{where}[{key!r}]")
+    else:
+        raise AssertionError(f"{where} is a {type(node).__name__}, not a NamedTuple or array")
+
+
+@all_cases
+def test_state_is_namedtuples_of_arrays_and_round_trips(case):
+    params, batches = _data()
+    opt, update = _jitted(case, "alias")
+    _, state = _run(update, opt.init(params))
+    assert isinstance(state, tuple)
+    for i, member in enumerate(state):
+        assert hasattr(member, "_fields"), f"chain state {i} is not a NamedTuple"
+        _check_state_node(member, f"state[{i}]")
+
+    kron = state[0]
+    assert isinstance(kron, tekfax.ScaleByKroneckerState)
+    assert kron.count.dtype == jnp.int32 and int(kron.count) == STEPS
+    preset = CASES[case][0]
+    for layer in kron.layers.values():
+        assert isinstance(layer, tekfax.LayerCurvature)
+        assert (layer.rescale is not None) == (preset in ("ekfac", "tekfac"))
+        assert (layer.delta is not None) == (preset in ("tkfac", "tekfac"))
+
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    restored = jax.tree_util.tree_unflatten(treedef, [np.array(x) for x in leaves])
+    assert jax.tree_util.tree_structure(restored) == treedef
+    chex.assert_trees_all_equal(restored, state)
+    grads, stats = batches[STEPS]
+    expected = update(grads, state, params, stats=stats)
+    got = update(grads, restored, params, stats=stats)
+    chex.assert_trees_all_equal(got, expected)
+
+
+@all_cases
+def test_bfloat16_params_keep_float32_statistics(case):
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), _data()[0])
+    opt = _alias(case)
+
+    @jax.jit
+    def train_step(params, opt_state, x, y, rng):
+        out = _capture(params, x, y, rng)
+        updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+        return optax.apply_updates(params, updates), opt_state, out.loss, updates
+
+    opt_state = opt.init(params)
+    for k in range(4):
+        x, y, rng = _batch(k)
+        params, opt_state, loss, updates = train_step(
+            params, opt_state, x.astype(jnp.bfloat16), y, rng
+        )
+        assert np.isfinite(float(loss))
+        chex.assert_trees_all_equal_dtypes(updates, params)
+        chex.assert_tree_all_finite(updates)
+    chex.assert_tree_all_finite(params)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(params))
+    for name, layer in opt_state[0].layers.items():
+        for field, value in layer._asdict().items():
+            if value is not None:
+                assert jnp.promote_types(value.dtype, jnp.float32) == value.dtype, (name, field)
+                chex.assert_tree_all_finite(value)
+
+
+# --- parameters outside tagged layers --------------------------------------------------
+
+
+class _HandMadeLinear(nn.Module):
+    """A kernel/bias pair applied by hand: shaped like a Dense layer but never tagged."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.normal(0.1), (self.features,))
+        return x @ kernel + bias
+
+
+class _MixedModel(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, x):
+        h = jnp.concatenate([nn.Embed(7, 3)(tokens).mean(axis=1), x], axis=-1)
+        h = nn.BatchNorm(use_running_average=False)(_HandMadeLinear(5)(h))
+        h = jnp.tanh(h) * self.param("scale", nn.initializers.ones, (5,))
+        return nn.Dense(CLASSES)(h)
+
+
+UNTAGGED = (
+    ("Embed_0", "embedding"),
+    ("BatchNorm_0", "scale"),
+    ("BatchNorm_0", "bias"),
+    ("scale",),
+    ("_HandMadeLinear_0", "kernel"),
+    ("_HandMadeLinear_0", "bias"),
+)
+TAGGED = (("Dense_0", "kernel"), ("Dense_0", "bias"))
+
+
+@functools.cache
+def _mixed_data():
+    model = _MixedModel()
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
+    tokens = jax.random.randint(k1, (N, 2), 0, 7)
+    x = jax.random.normal(k2, (N, D_IN))
+    y = jax.random.randint(k3, (N,), 0, CLASSES)
+    variables = model.init(jax.random.key(4), tokens, x)
+
+    @jax.jit
+    def capture(params):
+        def logits_fn(p):
+            return model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                tokens,
+                x,
+                mutable=["batch_stats"],
+            )
+
+        return tekfax.loss_and_curvature(logits_fn, params, y, rng=k4, has_aux=True)
+
+    return variables["params"], capture(variables["params"])
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+@all_cases
+def test_parameters_outside_tagged_layers_pass_through(case):
+    params, out = _mixed_data()
+    assert set(out.stats) == {"Dense_0"}
+    opt = _scale_by(case)
+    p_grads, _ = jax.jit(opt.update)(out.grads, opt.init(params), params, stats=out.stats)
+    for path in UNTAGGED:
+        np.testing.assert_array_equal(_leaf(p_grads, path), _leaf(out.grads, path), str(path))
+    for path in TAGGED:
+        assert not np.allclose(_leaf(p_grads, path), _leaf(out.grads, path)), path
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def _factories(preset: str):
+    return (
+        getattr(tekfax, f"scale_by_{preset}"),
+        functools.partial(getattr(tekfax, preset), LR),
+    )
+
+
+@all_presets
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "damping"),
+        ({"nu": None}, "damping"),
+        ({"damping": -1e-3}, "damping"),
+        ({"damping": DAMPING, "conv_rescale": "per_pixel"}, "conv_rescale"),
+        ({"damping": DAMPING, "ema": 1.0}, "ema"),
+        ({"damping": DAMPING, "rescale_ema": 1.0}, "rescale_ema"),
+        ({"damping": DAMPING, "eigen_every": 0}, "eigen_every"),
+        ({"damping": DAMPING, "curvature_every": 0}, "curvature_every"),
+        ({"damping": DAMPING, "rescale_every": 0}, "rescale_every"),
+        ({"damping": DAMPING, "norm_constraint": -1.0}, "norm_constraint"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={w}" for k, w in v.items()) or "none",
+)
+def test_invalid_hyperparameters_raise(preset, kwargs, match):
+    for factory in _factories(preset):
+        with pytest.raises(ValueError, match=match):
+            factory(**kwargs)
+
+
+@pytest.mark.parametrize("preset", ["ekfac", "tkfac", "tekfac"])
+def test_pi_adjusted_is_kfac_only(preset):
+    for factory in _factories(preset):
+        with pytest.raises(ValueError, match="pi_adjusted"):
+            factory(damping=DAMPING, pi_adjusted=True)
+    for factory in _factories("kfac"):
+        factory(damping=DAMPING, pi_adjusted=True)
+
+
+@all_cases
+def test_stats_from_another_model_name_the_layer(case):
+    params, batches = _data()
+    grads, stats = batches[0]
+    opt = _scale_by(case)
+
+    renamed = {"head": params["Dense_0"]}  # the state knows 'head', the stats 'Dense_0'
+    with pytest.raises(ValueError, match="Dense_0"):
+        opt.update(grads, opt.init(renamed), params, stats=stats)
+
+    wider = MLP(features=(CLASSES + 1,)).init(jax.random.key(0), jnp.zeros((1, D_IN)))["params"]
+    with pytest.raises(ValueError, match="Dense_0"):
+        opt.update(grads, opt.init(wider), params, stats=stats)
+
+
+# --- norm constraint -------------------------------------------------------------------
+#
+# The KL clip (ALGORITHMS.md s. 5) scales P(g) by c = min(1, sqrt(kappa / q)), where
+# q = alpha^2 sum_l <P(g_l), g_l>. The damped block F~ solves F~ P(g) = g, so the clipped step
+# Delta = -alpha c P(g) has the quadratic Delta^T F~ Delta = alpha^2 c^2 <P(g), g> = c^2 q,
+# which equals kappa whenever the clip is active.
+
+
+@all_cases
+def test_norm_constraint_clips_the_quadratic_to_kappa(case):
+    params, batches = _data()
+    opt, update = _jitted(case, "scale_by")
+    _, state = _run(update, opt.init(params), steps=1)
+    grads, stats = batches[1]
+    free, free_state = update(grads, state, params, stats=stats)
+    quadratic = LR**2 * _tree_vdot(free, grads)  # q
+    assert quadratic > 0
+
+    @jax.jit
+    def constrained(kappa, state):
+        opt = _scale_by(case, norm_constraint=kappa, learning_rate=LR)
+        return opt.update(grads, state, params, stats=stats)
+
+    kappa = 1e-2 * quadratic
+    clipped, clipped_state = constrained(kappa, state)
+    scale = _tree_vdot(clipped, grads) / _tree_vdot(free, grads)  # c
+    assert 0 < scale < 1
+    chex.assert_trees_all_close(clipped, jax.tree_util.tree_map(lambda u: scale * u, free), **TOL)
+    np.testing.assert_allclose(scale**2 * quadratic, kappa, rtol=1e-4)
+    chex.assert_trees_all_close(clipped_state, free_state, **TOL)
+
+    loose, _ = constrained(1e2 * quadratic, state)
+    chex.assert_trees_all_close(loose, free, **TOL)
+
+
+@all_cases
+def test_alias_norm_constraint_uses_its_learning_rate(case):
+    params, batches = _data()
+    grads, stats = batches[0]
+    pre, update = _jitted(case, "scale_by")
+    free, _ = update(grads, pre.init(params), params, stats=stats)
+    quadratic = LR**2 * _tree_vdot(free, grads)
+
+    @jax.jit
+    def first_update(kappa):
+        opt = _alias(case, norm_constraint=kappa)
+        return opt.update(grads, opt.init(params), params, stats=stats)[0]
+
+    kappa = 1e-2 * quadratic
+    updates = first_update(kappa)  # -alpha c P(g) on the first step
+    scale = -_tree_vdot(updates, grads) / (LR * _tree_vdot(free, grads))
+    chex.assert_trees_all_close(
+        updates, jax.tree_util.tree_map(lambda u: -LR * scale * u, free), **TOL
+    )
+    np.testing.assert_allclose(scale**2 * quadratic, kappa, rtol=1e-4)
