@@ -164,6 +164,7 @@ def plot(history: dict, output: pathlib.Path) -> list[pathlib.Path]:
         ax.plot(history["iterations"], values, marker="o", label=method)
     ax.set_xlabel("iteration")
     ax.set_ylabel("sum over layers of |F - F_approx|_F")
+    ax.set_yscale("log")
     ax.set_title("Approximation error, digits MLP 64-20-20-20-10 (TKFAC training)")
     ax.legend()
     fig.tight_layout()
