@@ -291,7 +291,8 @@ def scale_by_kronecker(
             )
         return ScaleByKroneckerState(
             count=jnp.zeros([], jnp.int32),
-            ema_weight=jnp.zeros([], jnp.float32),
+            # In the statistics' precision, so estimate = factor / weight is exact (section 3).
+            ema_weight=jnp.zeros([], jnp.result_type(*(v.factor_in for v in layers.values()))),
             layers=layers,
             needs_stats=jnp.ones([], jnp.bool_),
         )

@@ -1,0 +1,221 @@
+"""Tests for tekfax.rescale: the eigenvalue-corrected diagonal S (ALGORITHMS.md s. 2, 3).
+
+With ``rescale_ema=0`` the S the optimizer holds after an update is the batch S, and is
+compared with the exact Fisher of tests/reference.py (per-example gradients):
+sum(S) = tr F, S = diag(Q^T F Q), and hence Theorem 3.1. S is held in kernel layout
+(d_in, d_out), whose row-major ravel is the ordering of ``np.kron(q_in, q_out)``.
+"""
+
+import functools
+
+import _formulas as fm
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tekfax
+from tekfax import rescale
+from tekfax.diagnostics import exact_fisher_blocks
+
+f64 = pytest.mark.usefixtures("x64")
+RTOL = 1e-10
+
+
+def _diag_in_basis(layer, block: np.ndarray) -> np.ndarray:
+    """diag(Q^T F Q) with Q = Q_in (x) Q_out, reshaped to kernel layout (d_in, d_out)."""
+    q = np.kron(np.asarray(layer.q_in, np.float64), np.asarray(layer.q_out, np.float64))
+    return np.einsum("pi,pq,qi->i", q, block, q).reshape(layer.rescale.shape)
+
+
+def _s_exact(a: np.ndarray, u: np.ndarray, q_in, q_out) -> np.ndarray:
+    """S = E_n[(Q_in^T gradW_n^T Q_out)^2], gradW_n^T = sum_t a_t u_t^T, brute force."""
+    q_in, q_out = np.asarray(q_in, np.float64), np.asarray(q_out, np.float64)
+    s, n = u.shape[:2]
+    total = 0.0
+    for k in range(s):
+        for i in range(n):
+            grad_t = a[i].T @ u[k, i]  # (d_in, d_out): sum over positions
+            total = total + (q_in.T @ grad_t @ q_out) ** 2
+    return total / (s * n)
+
+
+def _s_batch(layer, a: np.ndarray, u: np.ndarray) -> np.ndarray:
+    return _s_exact(a, u, layer.q_in, layer.q_out)
+
+
+@f64
+@pytest.mark.parametrize("name", list(fm.ZOO_LAYERS))
+@pytest.mark.parametrize("preset", ["ekfac", "tekfac"])
+def test_s_is_diagonal_of_exact_fisher_in_eigenbasis(preset, name):
+    """sum(S) = tr F and S = diag(Q^T F Q), F from per-example gradients (rescale_ema=0)."""
+    state, _, out = fm.one_update("zoo", preset)
+    layer = state.layers[name]
+    exact = fm.exact_fisher("zoo")[name]
+    s = np.asarray(layer.rescale)
+    assert s.shape == (layer.q_in.shape[0], layer.q_out.shape[0])
+    fm.assert_close(np.sum(s), np.trace(exact), RTOL)
+    fm.assert_close(s, _diag_in_basis(layer, exact), RTOL)
+    fm.assert_close(s, _s_batch(layer, *fm.layer_mats(fm.flat(out.stats)[name])), RTOL)
+    # The approximate block is Q diag(S) Q^T, in ravel_pytree ordering.
+    block = fm.approx_blocks(state)[name]
+    fm.assert_close(block, fm.eigen_block(layer.q_in, layer.q_out, s), RTOL)
+
+
+@f64
+@pytest.mark.parametrize("name", list(fm.ZOO_LAYERS))
+@pytest.mark.parametrize("corrected", ["ekfac", "tekfac"])
+def test_theorem_3_1_eigen_correction_never_increases_the_error(corrected, name):
+    """|F - F_EKFAC|_F <= |F - F_KFAC|_F and |F - F_TEKFAC|_F <= |F - F_TKFAC|_F.
+
+    F_KFAC = A (x) G and F_TKFAC = M_Phi (x) M_Psi / delta come from the section 2 formulas
+    (test_curvature checks the optimizer's blocks against the same formulas).
+    """
+    state, _, out = fm.one_update("zoo", corrected)
+    layer = state.layers[name]
+    a, u = fm.layer_mats(fm.flat(out.stats)[name])
+    if corrected == "ekfac":
+        base = np.kron(*fm.kfac_np(a, u))
+    else:
+        base = np.kron(*fm.tkfac_np(a, u)) / np.trace(fm.f1_np(a, u))
+    # The un-corrected block is diagonal in the corrected method's basis Q = Q_in (x) Q_out:
+    # its diagonal there is S_KFAC = outer(eig A, eig G) (or S_TKFAC), which S replaces by
+    # the best diagonal diag(Q^T F Q).
+    q = np.kron(np.asarray(layer.q_in, np.float64), np.asarray(layer.q_out, np.float64))
+    rotated = q.T @ base @ q
+    off_diagonal = rotated - np.diag(np.diag(rotated))
+    assert np.abs(off_diagonal).max() <= 1e-12 * np.abs(base).max()
+    exact = fm.exact_fisher("zoo")[name]
+    err_base = np.linalg.norm(exact - base)
+    err = np.linalg.norm(exact - fm.approx_blocks(state)[name])
+    assert err <= err_base * (1 + 1e-9) + 1e-12 * np.linalg.norm(exact)
+
+
+@f64
+def test_per_location_s_is_diagonal_of_f1():
+    """conv_rescale="per_location": S = diag(Q^T F1 Q) (F1 = F for T = 1 layers)."""
+    config = fm.EXACT + (("conv_rescale", "per_location"),)
+    state, _, out = fm.one_update("dampnet", "tekfac", config)
+    for name, leaf in fm.flat(out.stats).items():
+        layer = state.layers[name]
+        a, u = fm.layer_mats(leaf)
+        f1 = fm.f1_np(a, u)
+        fm.assert_close(layer.rescale, _diag_in_basis(layer, f1), RTOL, err_msg=name)
+        fm.assert_close(np.sum(layer.rescale), np.trace(f1), RTOL, err_msg=name)
+        # Live convolutions (T > 1): F1 != F, so per_location is not the exact S.
+        if np.any(a):
+            exact_s = _s_batch(layer, a, u)
+            assert np.allclose(layer.rescale, exact_s) == (a.shape[1] == 1), name
+
+
+def _random_problem(seed, samples, n, t, d_in, d_out):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, t, d_in))
+    u = rng.normal(size=(samples, n, t, d_out))
+    q_in = np.linalg.qr(rng.normal(size=(d_in, d_in)))[0]
+    q_out = np.linalg.qr(rng.normal(size=(d_out, d_out)))[0]
+    return a, u, q_in, q_out
+
+
+@f64
+@pytest.mark.parametrize(
+    "samples, n, t, d_in, d_out",
+    [(2, 5, 6, 3, 2), (1, 4, 9, 5, 2), (3, 2, 1, 2, 4)],
+)
+def test_per_example_paths_and_chunks_agree(monkeypatch, samples, n, t, d_in, d_out):
+    """project_first and multiply_first compute the same sum; chunking with padding too."""
+    a, u, q_in, q_out = _random_problem(t * d_in + d_out, samples, n, t, d_in, d_out)
+    want = _s_exact(a, u, q_in, q_out)
+    args = tuple(jnp.asarray(v) for v in (a, u, q_in, q_out))
+    for project_first in (True, False):
+        got = rescale._per_example_sum(*args, project_first=project_first)
+        fm.assert_close(np.asarray(got) / (samples * n), want, RTOL)
+    fm.assert_close(rescale.per_example(*args), want, RTOL)
+    # Chunks of 1, 2 and 3 examples (3 pads the batch unless n is a multiple of 3).
+    for chunk in (1, 2, 3):
+        monkeypatch.setattr(rescale, "_CHUNK_ELEMENTS", chunk * samples * d_in * d_out)
+        fm.assert_close(rescale.per_example(*args), want, RTOL, err_msg=f"chunk {chunk}")
+    if t == 1:  # rank-one per-example gradients: per_location is the exact S.
+        ap, up = args[0] @ args[2], args[1] @ args[3]
+        fm.assert_close(rescale.per_location(ap, up), want, RTOL)
+
+
+@f64
+def test_chunked_s_with_label_samples_matches_sampled_fisher(monkeypatch):
+    """Chunked per-example S with 2 label samples: S = diag(Q^T F Q), F sampled, same rng."""
+    _, logits_fn, params, _, y = fm.problem("dampnet")
+    monkeypatch.setattr(rescale, "_CHUNK_ELEMENTS", 60)  # conv2d: chunks of 3, 1 padded; conv1d: 2
+    rng = jax.random.key(7)
+    capture = fm.capture_fn("dampnet", "sampled", 2)
+    out = capture(params, *fm.batch("dampnet", 0), rng)
+    opt = tekfax.scale_by_tekfac(**dict(fm.EXACT))  # traced after the patch: chunked
+    _, state = fm.jit(lambda g, s, st: opt.update(g, s, stats=st))(
+        out.grads, fm.jit(opt.init)(params), out.stats
+    )
+    exact = fm.flat(
+        fm.jit(
+            lambda p, rng: exact_fisher_blocks(
+                logits_fn, p, y, fisher="sampled", rng=rng, num_samples=2
+            )
+        )(params, rng)
+    )
+    for name, leaf in fm.flat(out.stats).items():
+        assert leaf.out_grads.shape[0] == 2
+        layer = state.layers[name]
+        fm.assert_close(layer.rescale, _diag_in_basis(layer, exact[name]), RTOL, err_msg=name)
+        fm.assert_close(np.sum(layer.rescale), np.trace(exact[name]), RTOL, err_msg=name)
+
+
+@functools.cache
+def _schedule_run(preset, eigen_every, rescale_every, steps):
+    config = (
+        ("damping", 1e-3),
+        ("rescale_ema", 0.5),
+        ("eigen_every", eigen_every),
+        ("rescale_every", rescale_every),
+    )
+    return fm.run("dampnet", preset, config, seeds=tuple(range(steps)))
+
+
+@f64
+@pytest.mark.parametrize(
+    "preset, eigen_every, rescale_every, steps",
+    [("ekfac", 2, 1, 5), ("tekfac", 3, 2, 7)],
+)
+def test_s_reinitialised_on_refresh_and_averaged_otherwise(
+    preset, eigen_every, rescale_every, steps
+):
+    """Section 3 with eps_S = 0.5: refresh S = 0.5 S_init + 0.5 S_batch, else 0.5 S + 0.5 S_b."""
+    states, _, outs = _schedule_run(preset, eigen_every, rescale_every, steps)
+    for name in states[0].layers:
+        s_prev = None
+        for k, (state, out) in enumerate(zip(states, outs, strict=True)):
+            layer = state.layers[name]
+            refresh = k % eigen_every == 0
+            if not refresh:  # the basis is kept between refreshes
+                np.testing.assert_array_equal(layer.q_in, states[k - 1].layers[name].q_in)
+                np.testing.assert_array_equal(layer.q_out, states[k - 1].layers[name].q_out)
+            s_batch = _s_batch(layer, *fm.layer_mats(fm.flat(out.stats)[name]))
+            if refresh:
+                s_init = np.outer(layer.eig_in, layer.eig_out)
+                if preset == "tekfac":  # a dead layer (delta = 0) has M_Phi = 0: S_init = 0
+                    delta = float(layer.delta)
+                    s_init = s_init / delta if delta > 0 else 0.0 * s_init
+                want = 0.5 * s_init + 0.5 * s_batch
+            elif k % rescale_every == 0:
+                want = 0.5 * s_prev + 0.5 * s_batch
+            else:
+                want = s_prev
+            fm.assert_close(layer.rescale, want, RTOL, err_msg=f"{name} step {k}")
+            s_prev = np.asarray(layer.rescale)
+
+
+def test_s_trace_and_diagonal_float32():
+    """float32: sum(S) = tr F and S = diag(Q^T F Q), loose tolerance."""
+    state, _, out = fm.one_update("dampnet", "tekfac", dtype_name="float32")
+    for name, leaf in fm.flat(out.stats).items():
+        layer = state.layers[name]
+        assert layer.rescale.dtype == jnp.float32
+        exact = fm.fisher_np(*fm.layer_mats(leaf))
+        fm.assert_close(np.sum(layer.rescale), np.trace(exact), 1e-4, err_msg=name)
+        fm.assert_close(layer.rescale, _diag_in_basis(layer, exact), 1e-4, err_msg=name)
