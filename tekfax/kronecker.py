@@ -161,9 +161,10 @@ def _layer_matrices(st: LayerStats, dtype: jnp.dtype) -> tuple[jax.Array, jax.Ar
     return input_matrix(st.inputs, st.meta).astype(dtype), output_matrix(st.out_grads).astype(dtype)
 
 
-def _active_layers(state: ScaleByKroneckerState, stats: Any, grads: Any) -> dict[str, LayerStats]:
+def _active_layers(
+    state: ScaleByKroneckerState, stats: Any, grad_layers: Mapping[str, Mapping]
+) -> dict[str, LayerStats]:
     """The layers to precondition: those in ``stats``, validated against state and grads."""
-    grad_layers = dict(find_layers(grads))
     active = {}
     for name, st in iter_layer_stats(stats):
         layer = state.layers.get(name)
@@ -301,17 +302,20 @@ def scale_by_kronecker(
         del params, extra_args
         if stats is None:
             raise ValueError(MISSING_STATS)
-        active = _active_layers(state, stats, updates)
         grad_layers = dict(find_layers(updates))
+        active = _active_layers(state, stats, grad_layers)
         old = {name: state.layers[name] for name in active}
-        mats = {k: _layer_matrices(st, old[k].factor_in.dtype) for k, st in active.items()}
+
+        def matrices():  # Built inside the lax.cond branches that use them, never otherwise.
+            return {k: _layer_matrices(st, old[k].factor_in.dtype) for k, st in active.items()}
+
         count = state.count
         do_curvature, do_eigen, do_rescale = _schedule(count)
 
         # 1. Curvature estimate (section 2-3).
         def new_factors():
             out = {}
-            for k, (a, u) in mats.items():
+            for k, (a, u) in matrices().items():
                 f_in, f_out = curvature.batch_factors(estimator, a, u)
                 out[k] = (
                     curvature.ema(old[k].factor_in, f_in, ema),
@@ -351,7 +355,7 @@ def scale_by_kronecker(
         # 3. Rescale (section 2-3): S re-initialised to the un-corrected diagonal on refresh.
         def new_rescale():
             out = {}
-            for k, (a, u) in mats.items():
+            for k, (a, u) in matrices().items():
                 q_in, eig_in, q_out, eig_out, delta = basis[k]
                 s_batch = rescale.batch_rescale(a, u, q_in, q_out, conv_rescale)
                 s_init = jnp.outer(eig_in, eig_out)

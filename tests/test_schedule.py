@@ -1,0 +1,99 @@
+"""Statistics only when consumed (stats_needed / compute_stats) and the eigh fallbacks."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from models import MLP, setup
+
+import tekfax
+from tekfax import eigenbasis
+
+SCHEDULE = dict(curvature_every=3, eigen_every=4, rescale_every=2)
+
+
+def _expected_needs(step: int, eigen_corrected: bool) -> bool:
+    refresh = step % SCHEDULE["eigen_every"] == 0
+    rescale = refresh or step % SCHEDULE["rescale_every"] == 0
+    return step % SCHEDULE["curvature_every"] == 0 or (eigen_corrected and rescale)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac"])
+def test_skipping_unused_statistics_changes_nothing(name):
+    model = MLP()
+    logits_fn, params, x, y = setup(model, (16, 7), 4)
+    opt = getattr(tekfax, name)(0.05, damping=0.1, **SCHEDULE)
+    traces = []
+
+    def make_step(skip):
+        @jax.jit
+        def step(params, opt_state, key):
+            traces.append(skip)
+            needed = tekfax.stats_needed(opt_state)
+            out = tekfax.loss_and_curvature(
+                lambda p: model.apply({"params": p}, x),
+                params,
+                y,
+                rng=key,
+                compute_stats=needed if skip else True,
+            )
+            updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+            return optax.apply_updates(params, updates), opt_state, needed
+
+        return step
+
+    results = {}
+    for skip in (False, True):
+        step, p, state, needs = make_step(skip), params, opt.init(params), []
+        for i in range(9):
+            p, state, needed = step(p, state, jax.random.key(i))
+            needs.append(bool(needed))
+        results[skip] = p
+        assert needs == [_expected_needs(i, name in ("ekfac", "tekfac")) for i in range(9)]
+    assert traces == [False, True]  # one compilation each, whatever the schedule
+    chex.assert_trees_all_equal(results[False], results[True])
+    del logits_fn
+
+
+def test_compute_stats_false_zeroes_sampled_out_grads():
+    logits_fn, params, _, y = setup(MLP(), (8, 5), 4)
+    out = tekfax.loss_and_curvature(
+        logits_fn, params, y, rng=jax.random.key(0), compute_stats=False
+    )
+    full = tekfax.loss_and_curvature(logits_fn, params, y, rng=jax.random.key(0))
+    chex.assert_trees_all_equal(out.grads, full.grads)
+    for layer in out.stats.values():
+        assert not np.any(np.asarray(layer.out_grads))
+    assert any(np.any(np.asarray(layer.out_grads)) for layer in full.stats.values())
+
+
+def test_stats_needed_rejects_other_optimizers():
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="no tekfax Kronecker state"):
+        tekfax.stats_needed(optax.adam(1e-3).init(params))
+
+
+def test_grouped_eigh_equals_per_matrix_eigh():
+    rng = np.random.default_rng(0)
+    mats = {}
+    for i, d in enumerate([3, 5, 3, 4, 5, 3]):
+        b = rng.standard_normal((d, d + 2)).astype(np.float32)
+        mats[i] = jnp.asarray(b @ b.T)
+    grouped = eigenbasis.eigh_psd_grouped(mats)
+    for key, m in mats.items():
+        values, vectors = grouped[key]
+        ref_values, _ = np.linalg.eigh(np.asarray(m, np.float64))
+        np.testing.assert_allclose(values, ref_values, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose((vectors * values) @ vectors.T, m, rtol=1e-4, atol=1e-4)
+
+
+def test_eigh_falls_back_instead_of_returning_nan():
+    good = jnp.diag(jnp.arange(1.0, 4.0))
+    bad = jnp.full((3, 3), jnp.nan)
+    values, vectors = jax.jit(eigenbasis.eigh_psd)(jnp.stack([good, bad]))
+    np.testing.assert_allclose(values[0], [1.0, 2.0, 3.0], rtol=1e-5)
+    np.testing.assert_array_equal(values[1], np.zeros(3))
+    np.testing.assert_array_equal(vectors[1], np.eye(3))
+    assert np.all(np.isfinite(values)) and np.all(np.isfinite(vectors))
