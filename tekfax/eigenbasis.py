@@ -22,7 +22,7 @@ def _symmetrise(matrices: jax.Array) -> jax.Array:
 
 
 def _eigh(sym: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``jnp.linalg.eigh`` of a stack (B, d, d), batched except on CPU.
+    """``jnp.linalg.eigh`` of matrices (..., d, d), batched except on CPU.
 
     On XLA:CPU a batched eigh (B > 1) inside a ``lax.cond`` branch, as the periodic refresh
     is, was seen to deadlock the thread pool once a program holds a dozen of them; one call
@@ -31,8 +31,10 @@ def _eigh(sym: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
 
     def per_matrix(stack):
-        parts = [jnp.linalg.eigh(m) for m in stack]
-        return jnp.stack([v for v, _ in parts]), jnp.stack([q for _, q in parts])
+        flat = stack.reshape((-1,) + stack.shape[-2:])
+        parts = [jnp.linalg.eigh(m) for m in flat]
+        values = jnp.stack([v for v, _ in parts]).reshape(stack.shape[:-1])
+        return values, jnp.stack([q for _, q in parts]).reshape(stack.shape)
 
     def batched(stack):
         values, vectors = jnp.linalg.eigh(stack)
