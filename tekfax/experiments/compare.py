@@ -1,0 +1,392 @@
+"""``tekfax-compare``: train several optimizers on one (model, dataset) and compare them.
+
+Trains every selected optimizer for ``--seeds`` seeds (optionally after a small ``--grid``
+search on a train/validation split) and writes into ``--output``: ``results.json`` (every
+epoch of every run, the configuration with resolved hyperparameters, library versions, device,
+grid results), ``results.csv`` (one row per run-epoch), ``curves_epoch.png`` and
+``curves_seconds.png``, and ``table.md``, the papers' Table 3 format, also printed at the end.
+
+    tekfax-compare                                  # all 8 optimizers, digits, small CNN
+    tekfax-compare --optimizers sgdm kfac --lr kfac=0.03 --damping 0.3 --epochs 5
+    tekfax-compare --model resnet20 --dataset cifar10 --data-dir ~/tfds --lr-decay-every 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tekfax.experiments import optimizers, report
+from tekfax.experiments.data import DATASETS, DatasetNotPreparedError, load_dataset, train_val_split
+from tekfax.experiments.models import MODELS, model_loss
+from tekfax.experiments.train import ResumeError, RunConfig, RunResult, train
+
+DEFAULT_EPOCHS = 20
+DEFAULT_TARGET = 0.95
+# config keys that may change when resuming (everything else must match the first start)
+_RESUMABLE = {"epochs", "grid_epochs", "resume", "progress", "argv", "output"}
+_RESUMABLE |= {"target_accuracy", "target_loss"}
+
+
+_FLAG_HELP = {
+    "learning_rate": "learning rate",
+    "damping": "damping lambda",
+    "nu": "trace-adaptive damping nu (a bare value sets tkfac-new only)",
+    "momentum": "momentum",
+    "eigen_every": "eigendecomposition interval T_INV",
+    "curvature_every": "factor update interval T_FIM",
+    "rescale_every": "EKFAC/TEKFAC S update interval",
+    "fisher": "sampled (the true Fisher) or empirical",
+}
+
+
+def _flag_help(key: str) -> str:
+    defaults: dict[Any, list[str]] = {}
+    for name, values in optimizers.DEFAULTS.items():
+        if key in values:
+            defaults.setdefault(values[key], []).append(name)
+    shown = "; ".join(
+        f"{'/'.join(names)} {value:g}"
+        if not isinstance(value, str)
+        else f"{'/'.join(names)} {value}"
+        for value, names in defaults.items()
+    )
+    return f"{_FLAG_HELP[key]} (defaults: {shown})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="tekfax-compare",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Per-optimizer flags take one value for all optimizers and/or name=value pairs, "
+        "e.g. --lr 0.05 adam=1e-3 eadam=1e-3.",
+    )
+    add = parser.add_argument
+    add("--model", default="cnn", choices=list(MODELS), help="model (default: cnn)")
+    add("--dataset", default="digits", choices=list(DATASETS), help="dataset (default: digits)")
+    add("--data-dir", help="tensorflow_datasets directory holding the prepared dataset")
+    add(
+        "--optimizers",
+        nargs="+",
+        default=list(optimizers.OPTIMIZERS),
+        metavar="NAME",
+        help=f"optimizers to compare (default: all of {' '.join(optimizers.OPTIMIZERS)})",
+    )
+    add("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
+    add("--batch-size", type=int, default=128, help="default 128")
+    add(
+        "--lr-decay-every",
+        type=int,
+        metavar="K",
+        help="multiply the learning rate by 0.1 every K epochs (default: constant)",
+    )
+    add("--seeds", type=int, default=1, metavar="N", help="repeats per optimizer (default 1)")
+    add("--seed", type=int, default=0, help="first seed (default 0)")
+    add(
+        "--target-accuracy",
+        type=float,
+        default=DEFAULT_TARGET,
+        help=f"test accuracy for 'epochs/seconds to target', a fraction or a percentage "
+        f"(default {DEFAULT_TARGET})",
+    )
+    add("--target-loss", type=float, help="test loss target (auto-encoder)")
+    add("--output", help="output folder (default: runs/compare-<timestamp>)")
+    add("--resume", action="store_true", help="continue the runs checkpointed in --output")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    group = parser.add_argument_group("hyperparameters (value or name=value pairs)")
+    for flag, (key, _) in optimizers.FLAGS.items():
+        group.add_argument(f"--{flag}", nargs="+", metavar="V", help=_flag_help(key))
+    grid = parser.add_argument_group("grid search")
+    grid.add_argument(
+        "--grid",
+        action="store_true",
+        help="select lr and damping/nu per optimizer by validation accuracy first",
+    )
+    grid.add_argument("--grid-epochs", type=int, help="epochs per candidate (default --epochs)")
+    grid.add_argument(
+        "--grid-fraction", type=float, default=0.1, help="validation fraction (default 0.1)"
+    )
+    for flag in ("lr", "damping", "nu"):
+        grid.add_argument(
+            f"--grid-{flag}",
+            nargs="+",
+            metavar="V,V",
+            help=f"{flag} candidates, comma-separated (default: neighbours of the default)",
+        )
+    return parser
+
+
+def _optimizer_names(tokens: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    names = [n for token in tokens for n in token.split(",") if n]
+    for name in names:
+        if name not in optimizers.OPTIMIZERS:
+            parser.error(
+                f"unknown optimizer {name!r}; choose from {', '.join(optimizers.OPTIMIZERS)}"
+            )
+    if len(set(names)) != len(names) or not names:
+        parser.error("--optimizers must name each optimizer at most once")
+    return names
+
+
+def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for flag in ("epochs", "batch_size", "seeds", "grid_epochs", "lr_decay_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.seed < 0:
+        parser.error("--seed must be non-negative")
+    if not 0 < args.grid_fraction < 1:
+        parser.error("--grid-fraction must be in (0, 1)")
+    if args.target_accuracy is not None and args.target_accuracy > 1:
+        args.target_accuracy /= 100.0
+    if args.resume and not args.output:
+        parser.error("--resume needs --output, the folder of the interrupted comparison")
+
+
+def _grid_overrides(name: str, args: argparse.Namespace) -> dict[str, list[float] | None]:
+    values = {}
+    for flag in ("lr", "damping", "nu"):
+        everyone, named = optimizers.parse_grid_values(
+            getattr(args, f"grid_{flag}"), f"grid-{flag}"
+        )
+        values[flag] = named.get(name, everyone)
+    return values
+
+
+def _run_entry(result: RunResult, phase: str) -> dict:
+    config = result.config
+    return {
+        "phase": phase,
+        "optimizer": config.optimizer,
+        "seed": config.seed,
+        "hyperparameters": dict(config.hparams),
+        "epochs": config.epochs,
+        "compile_seconds": result.compile_seconds,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "diverged": result.diverged,
+        "records": result.records,
+    }
+
+
+def _select(candidates: list[dict], classification: bool) -> int:
+    """Index of the best candidate by final validation metric (first on ties)."""
+    key, higher = report.metric_of(classification)
+    best, best_value = 0, None
+    for i, candidate in enumerate(candidates):
+        value = candidate["records"][-1][key] if candidate["records"] else None
+        if value is None or value != value or candidate["diverged"]:
+            continue
+        if best_value is None or (value > best_value if higher else value < best_value):
+            best, best_value = i, value
+    return best
+
+
+def _grid_search(args, names, hparams, dataset, out: pathlib.Path, classification) -> dict:
+    fit, _ = train_val_split(dataset, args.grid_fraction, seed=args.seed)
+    epochs = args.grid_epochs or args.epochs
+    results: dict[str, Any] = {
+        "fraction": args.grid_fraction,
+        "split_seed": args.seed,
+        "epochs": epochs,
+        "num_fit": len(fit.x_train),
+        "num_validation": len(fit.x_test),
+        "selected_by": "validation " + report.metric_of(classification)[0].removeprefix("test_"),
+        "optimizers": {},
+    }
+    for name in names:
+        grid = _grid_overrides(name, args)
+        candidates = optimizers.grid_candidates(
+            name, hparams[name], grid["lr"], grid["damping"], grid["nu"]
+        )
+        entries = []
+        for i, candidate in enumerate(candidates):
+            config = RunConfig(
+                args.model, name, candidate, args.seed, epochs, args.batch_size, args.lr_decay_every
+            )
+            shown = ", ".join(f"{k} {v:g}" for k, v in optimizers.split(candidate)[0].items())
+            result = train(
+                config,
+                fit,
+                checkpoint_path=out / "checkpoints" / f"grid-{name}-{i}.msgpack",
+                resume=args.resume,
+                label=f"grid {name} [{shown}]",
+                progress=args.progress,
+            )
+            entry = _run_entry(result, "grid")
+            final = result.records[-1] if result.records else {}
+            entry["validation_accuracy"] = final.get("test_accuracy")
+            entry["validation_loss"] = final.get("test_loss")
+            entries.append(entry)
+        best = _select(entries, classification)
+        hparams[name] = dict(candidates[best])
+        results["optimizers"][name] = {
+            "candidates": entries,
+            "selected_index": best,
+            "selected": hparams[name],
+        }
+    return results
+
+
+def _prepare_output(args: argparse.Namespace, config: dict, parser) -> pathlib.Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = pathlib.Path(args.output or f"runs/compare-{stamp}")
+    config_path = out / "config.json"
+    if args.resume:
+        if not config_path.exists():
+            parser.error(f"--resume: {config_path} not found; nothing to resume")
+        before = json.loads(config_path.read_text())
+        changed = sorted(
+            k
+            for k in set(before) | set(config)
+            if k not in _RESUMABLE and before.get(k) != config.get(k)
+        )
+        if changed:
+            parser.error(
+                f"--resume: settings differ from the interrupted run: {', '.join(changed)}"
+            )
+    elif (out / "checkpoints").exists():
+        parser.error(
+            f"{out} already holds runs; pass --resume to continue them or another --output"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(config_path, config)
+    return out
+
+
+def _final_runs(args, names, hparams, dataset, out: pathlib.Path, payload: dict) -> list[dict]:
+    runs = payload["runs"]
+    for name in names:
+        for seed in range(args.seed, args.seed + args.seeds):
+            config = RunConfig(
+                args.model,
+                name,
+                hparams[name],
+                seed,
+                args.epochs,
+                args.batch_size,
+                args.lr_decay_every,
+            )
+            result = train(
+                config,
+                dataset,
+                checkpoint_path=out / "checkpoints" / f"{name}-seed{seed}.msgpack",
+                resume=args.resume,
+                progress=args.progress,
+            )
+            runs.append(_run_entry(result, "final"))
+            report.write_json(out / "results.json", payload)  # partial results so far
+    return runs
+
+
+def _write_outputs(args, names, payload: dict, out: pathlib.Path, classification: bool) -> str:
+    target = args.target_accuracy if classification else args.target_loss
+    runs = payload["runs"]
+    summary = report.summarize(runs, names, classification, target)
+    table = report.format_table(
+        summary,
+        dataset=args.dataset,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        classification=classification,
+        target=target,
+    )
+    payload.update(summary=summary, table=table, complete=True)
+    report.write_json(out / "results.json", payload)
+    report.write_csv(out / "results.csv", runs)
+    (out / "table.md").write_text(table)
+    try:
+        report.plot_curves(out, runs, names, classification, f"{args.dataset} / {args.model}")
+    except ImportError:
+        print(
+            "tekfax-compare: matplotlib is not installed; skipped the plots "
+            "(pip install 'tekfax[examples]').",
+            file=sys.stderr,
+        )
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tekfax-compare`` and ``python -m tekfax.experiments``.
+
+    Returns the exit status: 0, or 2 when the dataset cannot be loaded or a checkpoint
+    cannot be resumed (usage errors exit through argparse with status 2).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(args, parser)
+    names = _optimizer_names(args.optimizers, parser)
+    overrides = {flag: getattr(args, flag.replace("-", "_")) for flag in optimizers.FLAGS}
+    try:
+        hparams = optimizers.resolve(names, overrides)
+        for name in names:  # validate the grid flags before training anything
+            grid = _grid_overrides(name, args)
+            optimizers.grid_candidates(name, hparams[name], grid["lr"], grid["damping"], grid["nu"])
+    except optimizers.HyperparameterError as err:
+        parser.error(str(err))
+    config = dict(vars(args))
+    config.update(optimizers=names, argv=list(sys.argv[1:] if argv is None else argv))
+    config["hyperparameters"] = {name: dict(hparams[name]) for name in names}
+    try:
+        dataset = load_dataset(args.dataset, args.data_dir)
+    except (DatasetNotPreparedError, ImportError) as err:
+        print(
+            f"tekfax-compare: error: cannot load dataset {args.dataset!r}: {err}\n"
+            f"(--data-dir is {args.data_dir!r}; point --data-dir at the prepared "
+            "tensorflow_datasets folder, or use --dataset digits, which needs no files.)",
+            file=sys.stderr,
+        )
+        return 2
+    out = _prepare_output(args, config, parser)
+    classification = model_loss(args.model) == "softmax_cross_entropy"
+    print(
+        f"tekfax-compare: {args.dataset} ({len(dataset.x_train)} train / {len(dataset.x_test)} "
+        f"test) / {args.model}, optimizers {' '.join(names)}, {args.epochs} epochs x "
+        f"{args.seeds} seed(s) -> {out}",
+        file=sys.stderr,
+    )
+    started = time.perf_counter()
+    payload = {
+        "schema_version": 1,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "config": config,
+        "environment": report.environment(),
+        "dataset": {
+            "name": dataset.name,
+            "num_train": len(dataset.x_train),
+            "num_test": len(dataset.x_test),
+            "input_shape": list(dataset.input_shape),
+            "num_classes": dataset.num_classes,
+            "augment": dataset.augment,
+        },
+        "grid": None,
+        "runs": [],
+        "complete": False,
+    }
+    try:
+        if args.grid:
+            payload["grid"] = _grid_search(args, names, hparams, dataset, out, classification)
+            config["selected_hyperparameters"] = {name: dict(hparams[name]) for name in names}
+        _final_runs(args, names, hparams, dataset, out, payload)
+    except ResumeError as err:
+        print(f"tekfax-compare: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; continue with: tekfax-compare ... --resume --output {out}",
+            file=sys.stderr,
+        )
+        return 130
+    payload["wall_seconds"] = time.perf_counter() - started
+    table = _write_outputs(args, names, payload, out, classification)
+    print(table)
+    print(f"wrote {out}/: results.json, results.csv, table.md, {', '.join(report.PLOTS)}")
+    return 0

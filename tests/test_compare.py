@@ -1,0 +1,309 @@
+"""``tekfax-compare`` end to end on digits: outputs, seeds, resume, grid, flags and errors.
+
+The runs are tiny (1-2 epochs of 11 steps) and share compiled steps within the process.
+"""
+
+import csv
+import io
+import json
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tekfax.experiments import checkpoint, optimizers, report
+from tekfax.experiments.compare import main
+from tekfax.experiments.progress import ProgressBar
+from tekfax.experiments.train import TIMING_FIELDS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RECORD_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "learning_rate",
+    "epoch_seconds",
+    "eval_seconds",
+    "cumulative_seconds",
+    "images_per_second",
+}
+TEKFAC = ["--lr", "tekfac=0.03", "--damping", "0.3"]
+
+
+def _compare(out: pathlib.Path, *flags: str) -> dict:
+    assert main(["--output", str(out), *flags]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """sgdm and tekfac, 2 epochs, 2 seeds, on digits + cnn."""
+    out = tmp_path_factory.mktemp("compare") / "two_seeds"
+    flags = ["--optimizers", "sgdm", "tekfac", "--epochs", "2", "--seeds", "2", *TEKFAC]
+    return out, _compare(out, *flags, "--target-accuracy", "50")
+
+
+def test_results_json_schema_and_config_echo(two_seeds):
+    _, results = two_seeds
+    assert results["schema_version"] == 1 and results["complete"] is True
+    config = results["config"]
+    assert config["model"] == "cnn" and config["dataset"] == "digits"
+    assert config["optimizers"] == ["sgdm", "tekfac"]
+    assert config["epochs"] == 2 and config["seeds"] == 2 and config["batch_size"] == 128
+    assert config["target_accuracy"] == 0.5
+    assert config["hyperparameters"]["tekfac"] == {
+        **optimizers.DEFAULTS["tekfac"],
+        "learning_rate": 0.03,
+        "damping": 0.3,
+    }
+    assert config["hyperparameters"]["sgdm"] == optimizers.DEFAULTS["sgdm"]
+    env = results["environment"]
+    assert set(env["versions"]) == {"jax", "jaxlib", "flax", "optax", "tekfax", "numpy"}
+    assert all(env["versions"].values())
+    assert env["device"]["platform"] == "cpu" and env["python"].startswith("3.")
+    assert results["dataset"]["num_train"] == 1437 and results["grid"] is None
+    runs = results["runs"]
+    assert [(r["optimizer"], r["seed"]) for r in runs] == [
+        ("sgdm", 0),
+        ("sgdm", 1),
+        ("tekfac", 0),
+        ("tekfac", 1),
+    ]
+    for run in runs:
+        assert run["hyperparameters"] == config["hyperparameters"][run["optimizer"]]
+        assert [r["epoch"] for r in run["records"]] == [1, 2]
+        for record in run["records"]:
+            assert set(record) == RECORD_KEYS
+            assert 0.0 <= record["test_accuracy"] <= 1.0 and record["train_loss"] > 0
+            assert record["epoch_seconds"] > 0 and record["images_per_second"] > 0
+        assert run["records"][1]["cumulative_seconds"] == pytest.approx(
+            sum(r["epoch_seconds"] for r in run["records"])
+        )
+        assert run["records"][-1]["test_accuracy"] > 0.5  # both learn
+    assert runs[0]["records"] != runs[1]["records"]  # seeds differ
+
+
+def test_seeds_give_mean_and_std(two_seeds):
+    out, results = two_seeds
+    for name in ("sgdm", "tekfac"):
+        finals = [
+            r["records"][-1]["test_accuracy"] for r in results["runs"] if r["optimizer"] == name
+        ]
+        entry = results["summary"][name]
+        assert entry["seeds"] == 2 and entry["final"] == finals
+        assert entry["mean"] == pytest.approx(np.mean(finals))
+        assert entry["std"] == pytest.approx(np.std(finals, ddof=1))
+        row = f"{100 * np.mean(finals):.2f} ± {100 * np.std(finals, ddof=1):.2f}"
+        assert row in (out / "table.md").read_text()
+
+
+def test_csv_table_and_plots(two_seeds, capsys):
+    out, results = two_seeds
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 2
+    assert {(r["optimizer"], r["seed"], r["epoch"]) for r in rows} == {
+        (n, str(s), str(e)) for n in ("sgdm", "tekfac") for s in (0, 1) for e in (1, 2)
+    }
+    first = results["runs"][0]["records"][0]
+    assert float(rows[0]["test_accuracy"]) == first["test_accuracy"]
+    for name in ("curves_epoch.png", "curves_seconds.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    table = (out / "table.md").read_text()
+    assert table == results["table"]
+    assert "| data | model | SGDM | TEKFAC |" in table
+    assert re.search(r"^\| digits \| cnn \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|$", table, re.M)
+    header = "| optimizer | test accuracy (%) | time / epoch (s) | epochs to 50% | seconds to 50% |"
+    assert header in table
+    for name in ("SGDM", "TEKFAC"):  # every seed reaches 50% by epoch 2
+        row = re.search(rf"^\| {name} \| .* \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", table, re.M)
+        assert row and 0 < float(row[1]) and 1 <= float(row[2]) <= 2 and float(row[3]) > 0
+
+
+def test_resume_is_bit_for_bit(two_seeds, tmp_path, capsys):
+    reference, _ = two_seeds
+    out = tmp_path / "resumed"
+    flags = ["--optimizers", "tekfac", "--seeds", "2", *TEKFAC]
+    first = _compare(out, *flags, "--epochs", "1")
+    assert [len(r["records"]) for r in first["runs"]] == [1, 1]
+    resumed = _compare(out, *flags, "--epochs", "2", "--resume")
+    for seed, run in enumerate(resumed["runs"]):
+        assert run["resumed_from_epoch"] == 1
+        assert run["records"][0] == first["runs"][seed]["records"][0]  # timing kept too
+        expected = checkpoint.read(reference / "checkpoints" / f"tekfac-seed{seed}.msgpack")
+        got = checkpoint.read(out / "checkpoints" / f"tekfac-seed{seed}.msgpack")
+        strip = [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in got["records"]]
+        assert strip == [
+            {k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in expected["records"]
+        ]
+        assert got["epoch"] == expected["epoch"] == 2 and got["step"] == expected["step"]
+        for part in ("params", "opt_state"):
+            a, b = got[part], expected[part]
+            leaves_a = a if isinstance(a, list) else list(_leaves(a))
+            leaves_b = b if isinstance(b, list) else list(_leaves(b))
+            assert len(leaves_a) == len(leaves_b) > 0
+            for x, y in zip(leaves_a, leaves_b, strict=True):
+                assert x.dtype == y.dtype and np.array_equal(x, y)  # bit-for-bit
+    # A changed setting is refused rather than silently mixed into the old runs.
+    with pytest.raises(SystemExit) as err:
+        main(["--output", str(out), *flags, "--epochs", "2", "--resume", "--batch-size", "64"])
+    assert err.value.code == 2 and "batch_size" in capsys.readouterr().err
+
+
+def _leaves(tree):
+    for key in sorted(tree):
+        value = tree[key]
+        yield from (_leaves(value) if isinstance(value, dict) else [value])
+
+
+def test_grid_search_writes_results_and_uses_the_selection(tmp_path):
+    flags = ["--optimizers", "sgdm", "tekfac", "--epochs", "1", "--grid", *TEKFAC]
+    flags += ["--grid-lr", "0.01,0.1", "tekfac=0.01,0.03", "--grid-damping", "0.3"]
+    results = _compare(tmp_path / "grid", *flags)
+    grid = results["grid"]
+    assert grid["fraction"] == 0.1 and grid["epochs"] == 1
+    assert grid["num_fit"] + grid["num_validation"] == 1437
+    for name, lrs in (("sgdm", [0.01, 0.1]), ("tekfac", [0.01, 0.03])):
+        entry = grid["optimizers"][name]
+        candidates = entry["candidates"]
+        assert [c["hyperparameters"]["learning_rate"] for c in candidates] == lrs
+        if name == "tekfac":
+            assert {c["hyperparameters"]["damping"] for c in candidates} == {0.3}
+        accuracies = [c["validation_accuracy"] for c in candidates]
+        assert all(len(c["records"]) == 1 and c["phase"] == "grid" for c in candidates)
+        assert entry["selected_index"] == int(np.argmax(accuracies))
+        selected = candidates[entry["selected_index"]]["hyperparameters"]
+        assert entry["selected"] == selected
+        assert results["config"]["selected_hyperparameters"][name] == selected
+        final = [r for r in results["runs"] if r["optimizer"] == name]
+        assert len(final) == 1 and final[0]["hyperparameters"] == selected
+
+
+def test_mlp_runs_with_progress_lines(tmp_path, capsys):
+    out = tmp_path / "mlp"
+    results = _compare(out, "--model", "mlp", "--optimizers", "sgdm", "tekfac", "--epochs", "1")
+    captured = capsys.readouterr()
+    for name in ("sgdm", "tekfac"):  # not a terminal: one finished line per epoch
+        line = rf"^{name} seed 0 epoch 1/1 \[#{{20}}\] 11/11 loss [\d.]+ acc +[\d.]+% [\d,]+ img/s"
+        assert len(re.findall(line + r" \| test acc [\d.]+%$", captured.err, re.M)) == 1
+    assert "\r" not in captured.err and "| digits | mlp |" in captured.out
+    assert results["config"]["model"] == "mlp"
+    assert [len(r["records"]) for r in results["runs"]] == [1, 1]
+    assert "| digits | mlp |" in (out / "table.md").read_text()
+    assert all(r["records"][0]["test_accuracy"] > 0.5 for r in results["runs"])
+
+
+def test_progress_bar_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = ProgressBar("kfac seed 0", 2, 5, 4, stream=stream, interval=0.0)
+    for done in range(1, 5):
+        assert bar.due()
+        bar.update(done, 0.5, 0.75, 1000.0)
+    bar.close(4, 0.25, 0.875, 2000.0, "test acc 90.00%")
+    text = stream.getvalue()
+    assert text.count("\r") == 5 and text.endswith("\n")
+    assert (
+        "kfac seed 0 epoch 2/5 [##########----------] 2/4 loss 0.5000 acc  75.0% 1,000 img/s"
+        in text
+    )
+    assert text.splitlines()[-1].endswith("2,000 img/s | test acc 90.00%\x1b[K")
+
+
+def test_flag_parsing():
+    everyone, named = optimizers.parse_assignments(
+        ["0.05", "kfac=0.1", "adam=1e-3"], float, optimizers.OPTIMIZERS, "lr"
+    )
+    assert everyone == 0.05 and named == {"kfac": 0.1, "adam": 1e-3}
+    hp = optimizers.resolve(
+        ["sgdm", "adam", "kfac", "tkfac-new"],
+        {"lr": ["0.05", "adam=1e-3"], "damping": ["kfac=0.2"], "nu": ["0.1"], "eigen-every": ["5"]},
+    )
+    assert [hp[n]["learning_rate"] for n in hp] == [0.05, 1e-3, 0.05, 0.05]
+    assert hp["kfac"]["damping"] == 0.2 and "nu" not in hp["kfac"]  # bare nu: tkfac-new only
+    assert hp["tkfac-new"]["nu"] == 0.1 and "damping" not in hp["tkfac-new"]
+    assert hp["kfac"]["eigen_every"] == 5 and "eigen_every" not in hp["sgdm"]
+    assert optimizers.resolve(["tekfac"], {"nu": ["tekfac=0.01"]})["tekfac"]["nu"] == 0.01
+    bad = [
+        {"damping": ["adam=0.1"]},  # adam has no damping
+        {"lr": ["nope=0.1"]},  # unknown optimizer
+        {"lr": ["0.1", "0.2"]},  # two values for all
+        {"lr": ["kfac=fast"]},  # not a number
+        {"fisher": ["kfac=exact"]},
+        {"eigen-every": ["0"]},
+    ]
+    for overrides in bad:
+        with pytest.raises(optimizers.HyperparameterError):
+            optimizers.resolve(["adam", "kfac"], overrides)
+    assert optimizers.parse_grid_values(["0.1,0.3", "kfac=1e-3"], "grid-lr") == (
+        [0.1, 0.3],
+        {"kfac": [1e-3]},
+    )
+    assert optimizers.step_boundaries(20, 11, 60) == {220: 0.1, 440: 0.1}
+    assert math.isclose(optimizers.learning_rate_at(0.1, 440, {220: 0.1, 440: 0.1}), 1e-3)
+
+
+def test_summary_with_a_diverged_seed_and_partial_targets():
+    def run(seed, accuracies, diverged=False):
+        records = [
+            {
+                "epoch": e + 1,
+                "test_accuracy": a,
+                "epoch_seconds": 0.5,
+                "cumulative_seconds": 0.5 * (e + 1),
+            }
+            for e, a in enumerate(accuracies)
+        ]
+        return {"optimizer": "kfac", "seed": seed, "records": records, "diverged": diverged}
+
+    runs = [run(0, [0.8, 0.96]), run(1, [0.9, 0.92]), run(2, [0.3, math.nan], diverged=True)]
+    entry = report.summarize(runs, ["kfac"], True, 0.95)["kfac"]
+    assert entry["seeds"] == 3 and entry["diverged"] == 1 and entry["reached"] == 1
+    assert entry["mean"] == pytest.approx(0.94) and entry["std"] == pytest.approx(0.0282842712)
+    assert entry["epochs_to_target"] == 2 and entry["seconds_to_target"] == 1.0
+    table = report.format_table(
+        {"kfac": entry},
+        dataset="digits",
+        model="cnn",
+        epochs=2,
+        batch_size=128,
+        classification=True,
+        target=0.95,
+    )
+    assert "| KFAC | 94.00 ± 2.83 (1 diverged) | 0.500 | 2.0 (1/3) | 1.00 (1/3) |" in table
+    json.dumps(report.jsonable(runs), allow_nan=False)  # NaN becomes null
+
+
+def test_bad_flags_exit_with_usage(tmp_path, capsys):
+    for flags, message in (
+        (["--damping", "adam=0.1"], "adam has no damping"),
+        (["--optimizers", "sgd"], "unknown optimizer 'sgd'"),
+        (["--resume"], "--resume needs --output"),
+    ):
+        with pytest.raises(SystemExit) as err:
+            main(["--output", str(tmp_path / "x"), *flags] if flags != ["--resume"] else flags)
+        assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "tekfax.experiments", "--dataset", "cifar10"]
+    command += ["--data-dir", str(empty), "--output", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--data-dir" in result.stderr and "cifar10" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
