@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tekfax.damping import safe_div
+
 ESTIMATORS = ("kfac", "tkfac")
 
 
@@ -50,3 +52,13 @@ def batch_factors(estimator: str, a: jax.Array, u: jax.Array) -> tuple[jax.Array
 def ema(old: jax.Array, new: jax.Array, decay: jax.Array) -> jax.Array:
     """M <- eps M + (1 - eps) M_batch (section 3); divide by the running weight to use it."""
     return decay * old + (1.0 - decay) * new
+
+
+def eigen_diagonal(eig_in: jax.Array, eig_out: jax.Array, delta: jax.Array | None) -> jax.Array:
+    """The un-corrected block's eigenvalues in kernel layout (section 2).
+
+    KFAC: S_KFAC = outer(eig A, eig G). TKFAC (``delta`` given, eigenvalues of the moments):
+    S_TKFAC = delta outer(eig Phi, eig Psi) = outer(eig M_Phi, eig M_Psi) / delta.
+    """
+    diagonal = jnp.outer(eig_in, eig_out)
+    return diagonal if delta is None else safe_div(diagonal, delta)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from tekfax import losses
 from tekfax.capture import check_capture_args, discover_layers, nest_by_name
-from tekfax.damping import safe_div
+from tekfax.curvature import eigen_diagonal
 from tekfax.kronecker import LayerCurvature, find_kronecker_state
 
 
@@ -27,15 +27,11 @@ def _eigen_block(q_in: jax.Array, q_out: jax.Array, diagonal: jax.Array) -> jax.
 
 
 def undamped_diagonal(layer: LayerCurvature) -> jax.Array:
-    """The un-damped block's eigenvalues in kernel layout (ALGORITHMS.md section 2).
-
-    EKFAC/TEKFAC: S. TKFAC: delta outer(eig Phi, eig Psi) = outer(eig M_Phi, eig M_Psi)/delta.
-    KFAC: outer(eig A, eig G).
-    """
+    """The un-damped block's eigenvalues in kernel layout: S for EKFAC/TEKFAC, else section 2's
+    S_KFAC = outer(eig A, eig G) or S_TKFAC = delta outer(eig Phi, eig Psi)."""
     if layer.rescale is not None:
         return layer.rescale
-    diagonal = jnp.outer(layer.eig_in, layer.eig_out)
-    return diagonal if layer.delta is None else safe_div(diagonal, layer.delta)
+    return eigen_diagonal(layer.eig_in, layer.eig_out, layer.delta)
 
 
 def approx_fisher_blocks(opt_state: Any) -> Any:

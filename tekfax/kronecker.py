@@ -358,9 +358,7 @@ def scale_by_kronecker(
             for k, (a, u) in matrices().items():
                 q_in, eig_in, q_out, eig_out, delta = basis[k]
                 s_batch = rescale.batch_rescale(a, u, q_in, q_out, conv_rescale)
-                s_init = jnp.outer(eig_in, eig_out)
-                if tkfac:
-                    s_init = damping_rules.safe_div(s_init, delta)
+                s_init = curvature.eigen_diagonal(eig_in, eig_out, delta)
                 base = jnp.where(do_eigen, s_init, old[k].rescale)
                 out[k] = curvature.ema(base, s_batch, rescale_ema)
             return out
