@@ -103,6 +103,17 @@ def nest_by_name(flat: Mapping[str, Any]) -> Any:
     return nested
 
 
+def flatten_by_name(tree: Any) -> dict[str, Any]:
+    """Inverse of :func:`nest_by_name`: {"Block_0": {"Conv_0": x}} -> {"Block_0/Conv_0": x}."""
+    if not isinstance(tree, Mapping):
+        return {"": tree}
+    flat = {}
+    for key, value in tree.items():
+        for name, leaf in flatten_by_name(value).items():
+            flat[f"{key}/{name}" if name else str(key)] = leaf
+    return flat
+
+
 def iter_layer_stats(stats: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, LayerStats]]:
     """Yields ``(name, LayerStats)`` for every layer in a nested stats tree."""
     if isinstance(stats, LayerStats):

@@ -9,14 +9,14 @@ ravel of the kernel-layout matrix of :mod:`tekfax.patches`, so a block in the ei
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from tekfax import losses
-from tekfax.capture import check_capture_args, discover_layers, nest_by_name
+from tekfax.capture import check_capture_args, discover_layers, flatten_by_name, nest_by_name
 from tekfax.curvature import eigen_diagonal
 from tekfax.kronecker import LayerCurvature, find_kronecker_state
 
@@ -140,14 +140,6 @@ def exact_fisher_blocks(
     return nest_by_name(blocks)
 
 
-def _iter_blocks(blocks: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, jax.Array]]:
-    if isinstance(blocks, Mapping):
-        for key, value in blocks.items():
-            yield from _iter_blocks(value, prefix + (str(key),))
-    else:
-        yield "/".join(prefix), blocks
-
-
 def approximation_errors(approx: Any, exact_blocks: Any, *, damped: bool = False) -> Any:
     """Frobenius errors |F - F_approx|_F per layer, as a nested dict of scalars.
 
@@ -158,9 +150,9 @@ def approximation_errors(approx: Any, exact_blocks: Any, *, damped: bool = False
     """
     if not isinstance(approx, Mapping | jax.Array):
         approx = damped_fisher_blocks(approx) if damped else approx_fisher_blocks(approx)
-    approx_flat = dict(_iter_blocks(approx))
+    approx_flat = flatten_by_name(approx)
     errors = {}
-    for name, block in _iter_blocks(exact_blocks):
+    for name, block in flatten_by_name(exact_blocks).items():
         if name not in approx_flat:
             raise ValueError(f"tekfax: layer '{name}' has an exact block but no approximate one.")
         errors[name] = jnp.linalg.norm(block - approx_flat[name].astype(block.dtype))

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import tekfax
+from tekfax.capture import flatten_by_name
 from tekfax.experiments.data import iterate_batches, load_dataset
 
 METHODS = {
@@ -52,15 +53,6 @@ class ErrorStudyMLP(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-def _flat(tree, prefix=()) -> dict[str, jax.Array]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flat(value, prefix + (key,)))
-        return out
-    return {"/".join(prefix): tree}
-
-
 def batch_errors(logits_fn, params, y, rng, damping: float) -> tuple[dict, dict, dict]:
     """Per-layer Frobenius errors of every method on one batch, and the blocks of TKFAC.
 
@@ -74,10 +66,10 @@ def batch_errors(logits_fn, params, y, rng, damping: float) -> tuple[dict, dict,
         opt = make(damping=damping, rescale_ema=0.0)
         _, state = opt.update(out.grads, opt.init(params), params, stats=out.stats)
         errs = tekfax.diagnostics.approximation_errors(state, exact)
-        errors[name] = _flat(errs)
+        errors[name] = flatten_by_name(errs)
         if name == "TKFAC":
-            tkfac_blocks = _flat(tekfax.diagnostics.approx_fisher_blocks(state))
-    return errors, _flat(exact), tkfac_blocks
+            tkfac_blocks = flatten_by_name(tekfax.diagnostics.approx_fisher_blocks(state))
+    return errors, flatten_by_name(exact), tkfac_blocks
 
 
 def run(
