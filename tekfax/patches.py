@@ -18,29 +18,51 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from tekfax.tagging import LayerMeta
 
 
+def _patch_indices(spatial: tuple[int, ...], meta: LayerMeta) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Static gather indices of im2col: (T, prod(kernel)) flat positions in the padded input.
+
+    Output location o and kernel offset k read padded position o * stride + k * dilation on
+    every spatial axis; the padded shape is returned with them.
+    """
+    padded = tuple(s + lo + hi for s, (lo, hi) in zip(spatial, meta.padding, strict=True))
+    rank = len(spatial)
+    out = tuple(
+        (p - (k - 1) * d - 1) // s + 1
+        for p, k, d, s in zip(padded, meta.kernel_size, meta.dilation, meta.strides, strict=True)
+    )
+    place = np.cumprod((1,) + padded[:0:-1])[::-1]  # row-major place value of each axis
+    index = np.zeros(out + meta.kernel_size, np.int64)
+    for axis in range(rank):  # Broadcast one (out, kernel) grid per spatial axis.
+        grid = np.arange(out[axis])[:, None] * meta.strides[axis] + (
+            np.arange(meta.kernel_size[axis])[None, :] * meta.dilation[axis]
+        )
+        shape = [1] * (2 * rank)
+        shape[axis], shape[rank + axis] = out[axis], meta.kernel_size[axis]
+        index = index + grid.reshape(shape) * place[axis]
+    return index.reshape(math.prod(out), math.prod(meta.kernel_size)), padded
+
+
 def _conv_patches(inputs: jax.Array, meta: LayerMeta) -> jax.Array:
-    """im2col: (N, ..., *spatial, c_in) -> (N, T, prod(kernel) * c_in), offsets major."""
+    """im2col: (N, ..., *spatial, c_in) -> (N, T, prod(kernel) * c_in), offsets major.
+
+    One gather with indices fixed at trace time. ``lax.conv_general_dilated_patches`` would
+    compute the same patches as a convolution with a one-hot kernel, prod(kernel) * c_in
+    times more flops; on the digits CNN it was 2-3x slower on CPU (scripts/bench.py).
+    """
     rank = len(meta.kernel_size)
     n = inputs.shape[0]
     x = inputs.reshape((-1,) + inputs.shape[-rank - 1 :])
-    x = jnp.moveaxis(x, -1, 1)  # (B, C, *spatial): lax's default layout.
-    patches = lax.conv_general_dilated_patches(
-        x,
-        filter_shape=meta.kernel_size,
-        window_strides=meta.strides,
-        padding=meta.padding,
-        rhs_dilation=meta.dilation,
-        precision=lax.Precision.HIGHEST,
-    )  # (B, C * prod(kernel), *out), channel-major features.
-    b, _, *out = patches.shape
-    patches = patches.reshape(b, meta.in_features, math.prod(meta.kernel_size), *out)
-    patches = jnp.moveaxis(patches, (1, 2), (-1, -2))  # (B, *out, prod(kernel), C)
-    return patches.reshape(n, -1, math.prod(meta.kernel_size) * meta.in_features)
+    index, padded = _patch_indices(x.shape[1:-1], meta)
+    pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in meta.padding] + [(0, 0, 0)]
+    x = lax.pad(x, jnp.zeros((), x.dtype), pads).reshape(x.shape[0], -1, x.shape[-1])
+    patches = jnp.take(x, jnp.asarray(index, jnp.int32), axis=1)  # (B, T, prod(kernel), C)
+    return patches.reshape(n, -1, index.shape[1] * meta.in_features)
 
 
 def input_matrix(inputs: jax.Array, meta: LayerMeta) -> jax.Array:

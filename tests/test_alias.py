@@ -6,7 +6,7 @@ TEKFAC. References are built by hand from the pieces the contract names: the ful
 ``scale_by_X`` and momentum and learning rate are applied in NumPy.
 
 Most tests use a one-layer softmax regression so that each jitted update compiles quickly;
-``eigen_every=2`` puts eigenbasis refreshes on steps 0 and 2 of the three-step sequences.
+``INTERVALS`` puts statistics on every step and refreshes on steps 0 and 2 of the sequences.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ LR = 0.1
 TAU = 0.9
 DAMPING = 1e-2
 NU = 10.0  # above the layers' trace delta (about 3), so the nu rule binds
-EIGEN_EVERY = 2
+# Statistics every step and refreshes on steps 0 and 2 of the three-step sequences.
+INTERVALS = {"curvature_every": 1, "eigen_every": 2, "rescale_every": 1}
 STEPS = 3
 N, D_IN, CLASSES = 16, 3, 4
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -51,13 +52,13 @@ all_presets = pytest.mark.parametrize("preset", PRESETS)
 
 def _scale_by(case: str, **overrides) -> optax.GradientTransformationExtraArgs:
     preset, hyper = CASES[case]
-    kwargs = {**hyper, "eigen_every": EIGEN_EVERY, **overrides}
+    kwargs = {**hyper, **INTERVALS, **overrides}
     return getattr(tekfax, f"scale_by_{preset}")(**kwargs)
 
 
 def _alias(case: str, learning_rate=LR, **overrides) -> optax.GradientTransformationExtraArgs:
     preset, hyper = CASES[case]
-    kwargs = {**hyper, "momentum": TAU, "eigen_every": EIGEN_EVERY, **overrides}
+    kwargs = {**hyper, "momentum": TAU, **INTERVALS, **overrides}
     return getattr(tekfax, preset)(learning_rate, **kwargs)
 
 
@@ -199,7 +200,7 @@ def test_inject_hyperparams_matches_plain_and_follows_changes(case):
     (damping_name,) = hyper
     params, batches = _data()
     injected = optax.inject_hyperparams(getattr(tekfax, preset))(
-        learning_rate=LR, momentum=TAU, eigen_every=EIGEN_EVERY, **hyper
+        learning_rate=LR, momentum=TAU, **INTERVALS, **hyper
     )
     inject_update = jax.jit(injected.update)
     state = injected.init(params)
@@ -218,7 +219,7 @@ def test_inject_hyperparams_matches_plain_and_follows_changes(case):
         opt = getattr(tekfax, preset)(
             values["learning_rate"],
             momentum=values["momentum"],
-            eigen_every=EIGEN_EVERY,
+            **INTERVALS,
             **{damping_name: values[damping_name]},
         )
         return opt.update(grads, opt_state, params, stats=stats)
@@ -272,12 +273,12 @@ def test_jitted_train_step_compiles_once_across_refreshes(case):
 
     opt_state = opt.init(params)
     bases = []
-    for k in range(2 * EIGEN_EVERY):  # counts 0..3: refreshes on 0 and 2
+    for k in range(2 * INTERVALS["eigen_every"]):  # counts 0..3: refreshes on 0 and 2
         params, opt_state, loss = train_step(params, opt_state, *_batch(k))
         assert np.isfinite(float(loss))
         bases.append(np.asarray(opt_state[0].layers["Dense_0"].q_in))
     assert len(traces) == 1
-    assert int(opt_state[0].count) == 2 * EIGEN_EVERY
+    assert int(opt_state[0].count) == 2 * INTERVALS["eigen_every"]
     np.testing.assert_array_equal(bases[1], bases[0])  # no refresh on count 1
     assert not np.array_equal(bases[2], bases[1])  # refresh on count 2
 
