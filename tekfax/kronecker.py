@@ -18,6 +18,7 @@ step.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterator, Mapping
@@ -31,7 +32,7 @@ from jax import lax
 from tekfax import curvature, eigenbasis, precondition, rescale
 from tekfax import damping as damping_rules
 from tekfax.capture import LayerStats, iter_layer_stats
-from tekfax.patches import grad_matrix, input_matrix, matrix_to_grads, output_matrix
+from tekfax.patches import grad_matrix, locations, matrix_to_grads, sum_over_examples
 from tekfax.tagging import stat_dtype
 
 MISSING_STATS = (
@@ -157,8 +158,14 @@ def _check_number(
         raise ValueError(f"tekfax: {name} must be finite and {bound}, got {value!r}.")
 
 
-def _layer_matrices(st: LayerStats, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    return input_matrix(st.inputs, st.meta).astype(dtype), output_matrix(st.out_grads).astype(dtype)
+def _layer_sum(fn, st: LayerStats, dtype: jnp.dtype, per_example: int):
+    """``fn(a, u)`` over the layer's batch, streamed in chunks (bounded memory)."""
+    return sum_over_examples(fn, st.inputs, st.out_grads, st.meta, dtype, per_example)
+
+
+def _factor_elements(st: LayerStats) -> int:
+    """Elements the factor products hold per example: the layer matrices a and u."""
+    return locations(st.out_grads) * (st.meta.d_in + st.out_grads.shape[0] * st.meta.d_out)
 
 
 def _active_layers(
@@ -305,18 +312,21 @@ def scale_by_kronecker(
         grad_layers = dict(find_layers(updates))
         active = _active_layers(state, stats, grad_layers)
         old = {name: state.layers[name] for name in active}
-
-        def matrices():  # Built inside the lax.cond branches that use them, never otherwise.
-            return {k: _layer_matrices(st, old[k].factor_in.dtype) for k, st in active.items()}
+        dtypes = {k: v.factor_in.dtype for k, v in old.items()}
 
         count = state.count
         do_curvature, do_eigen, do_rescale = _schedule(count)
 
         # 1. Curvature estimate (section 2-3).
-        def new_factors():
+        def new_factors():  # Layer matrices are built inside the branches that use them.
             out = {}
-            for k, (a, u) in matrices().items():
-                f_in, f_out = curvature.batch_factors(estimator, a, u)
+            for k, st in active.items():
+                f_in, f_out = _layer_sum(
+                    functools.partial(curvature.batch_factors, estimator),
+                    st,
+                    dtypes[k],
+                    _factor_elements(st),
+                )
                 out[k] = (
                     curvature.ema(old[k].factor_in, f_in, ema),
                     curvature.ema(old[k].factor_out, f_out, ema),
@@ -355,9 +365,23 @@ def scale_by_kronecker(
         # 3. Rescale (section 2-3): S re-initialised to the un-corrected diagonal on refresh.
         def new_rescale():
             out = {}
-            for k, (a, u) in matrices().items():
+            for k, st in active.items():
                 q_in, eig_in, q_out, eig_out, delta = basis[k]
-                s_batch = rescale.batch_rescale(a, u, q_in, q_out, conv_rescale)
+                per_example = rescale.elements_per_example(
+                    st.out_grads.shape[0],
+                    locations(st.out_grads),
+                    st.meta.d_in,
+                    st.meta.d_out,
+                    conv_rescale,
+                )
+                s_batch = _layer_sum(
+                    lambda a, u, q_in=q_in, q_out=q_out: rescale.batch_rescale(
+                        a, u, q_in, q_out, conv_rescale
+                    ),
+                    st,
+                    dtypes[k],
+                    per_example,
+                )
                 s_init = curvature.eigen_diagonal(eig_in, eig_out, delta)
                 base = jnp.where(do_eigen, s_init, old[k].rescale)
                 out[k] = curvature.ema(base, s_batch, rescale_ema)
@@ -372,7 +396,7 @@ def scale_by_kronecker(
         damped = _damped_eigenvalues(basis, s, active)
 
         # 5. Preconditioning (section 5).
-        grads = {k: grad_matrix(grad_layers[k], old[k].factor_in.dtype) for k in active}
+        grads = {k: grad_matrix(grad_layers[k], dtypes[k]) for k in active}
         pre = {
             k: precondition.precondition(grads[k], basis[k][0], basis[k][2], damped[k])
             for k in active

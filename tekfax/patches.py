@@ -14,7 +14,8 @@ Conventions used everywhere in tekfax:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,60 @@ def input_matrix(inputs: jax.Array, meta: LayerMeta) -> jax.Array:
 def output_matrix(out_grads: jax.Array) -> jax.Array:
     """u_{n,t}: (num_samples, N, T, d_out) from (num_samples, N, ..., d_out)."""
     return out_grads.reshape(out_grads.shape[0], out_grads.shape[1], -1, out_grads.shape[-1])
+
+
+# Elements of per-example intermediates held at once by :func:`sum_over_examples` (float32:
+# 16 MiB). Bounds the statistics' memory: im2col alone is prod(kernel) times a conv's input.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def sum_over_examples(
+    fn: Callable[[jax.Array, jax.Array], Any],
+    inputs: jax.Array,
+    out_grads: jax.Array,
+    meta: LayerMeta,
+    dtype: jnp.dtype,
+    per_example: int,
+) -> Any:
+    """``fn(a, u)`` of a whole batch, streamed over chunks of examples to bound memory.
+
+    ``fn`` maps layer matrices a (n, T, d_in) and u (S, n, T, d_out) of n examples to a
+    pytree that is a sum over the examples divided by n, as every statistic of sections 2-3
+    is. The batch is cut into chunks of at most ``CHUNK_ELEMENTS / per_example`` examples
+    (``per_example``: elements ``fn`` holds per example); each chunk's im2col is built inside
+    a ``lax.scan``, padding examples are zero rows (bias included), and the chunk results are
+    combined with weights chunk / N. One chunk calls ``fn`` directly.
+    """
+    n = inputs.shape[0]
+    chunk = max(1, min(n, CHUNK_ELEMENTS // max(per_example, 1)))
+    num_chunks = -(-n // chunk)
+    if num_chunks == 1:
+        return fn(input_matrix(inputs, meta).astype(dtype), output_matrix(out_grads).astype(dtype))
+    chunk = -(-n // num_chunks)  # balanced chunks, at most num_chunks - 1 padding examples
+    pad = num_chunks * chunk - n
+    x = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1))
+    x = x.reshape((num_chunks, chunk) + inputs.shape[1:])
+    g = jnp.pad(out_grads, [(0, 0), (0, pad)] + [(0, 0)] * (out_grads.ndim - 2))
+    g = jnp.moveaxis(g.reshape((g.shape[0], num_chunks, chunk) + g.shape[2:]), 1, 0)
+    real = (jnp.arange(num_chunks * chunk) < n).reshape(num_chunks, chunk).astype(dtype)
+
+    def matrices(x_c, g_c, real_c):
+        a = input_matrix(x_c, meta).astype(dtype) * real_c[:, None, None]
+        return a, output_matrix(g_c).astype(dtype)
+
+    def body(total, data):
+        part = fn(*matrices(*data))
+        return jax.tree_util.tree_map(jnp.add, total, part), None
+
+    shapes = jax.eval_shape(lambda d: fn(*matrices(*d)), (x[0], g[0], real[0]))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = lax.scan(body, zeros, (x, g, real))
+    return jax.tree_util.tree_map(lambda t: t * (chunk / n), total)
+
+
+def locations(out_grads: jax.Array) -> int:
+    """T: output locations per example (spatial positions times leading axes)."""
+    return math.prod(out_grads.shape[2:-1])
 
 
 def grad_matrix(layer_grads: Mapping[str, jax.Array], dtype: jnp.dtype) -> jax.Array:

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 CONV_RESCALE = ("per_example", "per_location")
-
-# Elements of per-example projected gradients held at once (float32: 64 MiB per chunk).
-_CHUNK_ELEMENTS = 1 << 24
 
 
 def per_location(ap: jax.Array, up: jax.Array) -> jax.Array:
@@ -37,31 +33,30 @@ def _per_example_sum(
     return jnp.sum(proj * proj, axis=(0, 1))
 
 
+def project_first(t: int, d_in: int, d_out: int) -> bool:
+    """Whether projecting a and u before the product costs fewer flops (section 8)."""
+    return t * (d_in * d_in + d_out * d_out + d_in * d_out) <= (
+        t * d_in * d_out + d_in * d_in * d_out + d_in * d_out * d_out
+    )
+
+
 def per_example(a: jax.Array, u: jax.Array, q_in: jax.Array, q_out: jax.Array) -> jax.Array:
     """S = E_n[(Q_in^T gradW_n^T Q_out)^2] with gradW_n = sum_t u_t a_t^T (exact EKFAC S).
 
-    The batch is processed in chunks so at most ``_CHUNK_ELEMENTS`` projected per-example
-    gradients are alive at once; each chunk projects first or multiplies first, whichever
-    costs fewer flops (section 8).
+    Projects first or multiplies first, whichever costs fewer flops. Memory is bounded by the
+    caller streaming chunks of examples (:func:`tekfax.patches.sum_over_examples`).
     """
     samples, n, t, d_out = u.shape
-    d_in = a.shape[-1]
-    project_first = t * (d_in * d_in + d_out * d_out + d_in * d_out) <= (
-        t * d_in * d_out + d_in * d_in * d_out + d_in * d_out * d_out
-    )
-    chunk = max(1, min(n, _CHUNK_ELEMENTS // (samples * d_in * d_out)))
-    num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n  # zero examples contribute nothing to the sum
-    a = jnp.pad(a, ((0, pad), (0, 0), (0, 0))).reshape(num_chunks, chunk, t, d_in)
-    u = jnp.pad(u, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    u = jnp.moveaxis(u.reshape(samples, num_chunks, chunk, t, d_out), 1, 0)
+    first = project_first(t, a.shape[-1], d_out)
+    return _per_example_sum(a, u, q_in, q_out, first) / (samples * n)
 
-    def body(total, chunk_data):
-        a_c, u_c = chunk_data
-        return total + _per_example_sum(a_c, u_c, q_in, q_out, project_first), None
 
-    total, _ = lax.scan(body, jnp.zeros((d_in, d_out), a.dtype), (a, u))
-    return total / (samples * n)
+def elements_per_example(samples: int, t: int, d_in: int, d_out: int, mode: str) -> int:
+    """Elements :func:`batch_rescale` holds per example (for chunking the batch)."""
+    matrices = t * (d_in + samples * d_out)
+    if t == 1 or mode == "per_location":
+        return 2 * matrices
+    return matrices + 2 * samples * d_in * d_out
 
 
 def batch_rescale(

@@ -136,9 +136,15 @@ def _memo_blocks(state):
     return _BLOCKS[id(state)][1:]
 
 
-# One update with the exactness settings of ALGORITHMS.md section 3: fresh eigenbasis and
-# S equal to the batch S.
-EXACT = (("damping", 1e-3), ("eigen_every", 1), ("rescale_ema", 0.0))
+# The exactness settings of ALGORITHMS.md section 3: statistics, a fresh eigenbasis and S on
+# every step (not the library's default intervals), with S equal to the batch S.
+EXACT = (
+    ("damping", 1e-3),
+    ("curvature_every", 1),
+    ("eigen_every", 1),
+    ("rescale_every", 1),
+    ("rescale_ema", 0.0),
+)
 
 
 # ----------------------------------------------------------------------------- formulas

@@ -9,13 +9,14 @@ sum(S) = tr F, S = diag(Q^T F Q), and hence Theorem 3.1. S is held in kernel lay
 import functools
 
 import _formulas as fm
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tekfax
-from tekfax import rescale
+from tekfax import curvature, patches, rescale
 from tekfax.diagnostics import exact_fisher_blocks
 
 f64 = pytest.mark.usefixtures("x64")
@@ -122,8 +123,8 @@ def _random_problem(seed, samples, n, t, d_in, d_out):
     "samples, n, t, d_in, d_out",
     [(2, 5, 6, 3, 2), (1, 4, 9, 5, 2), (3, 2, 1, 2, 4)],
 )
-def test_per_example_paths_and_chunks_agree(monkeypatch, samples, n, t, d_in, d_out):
-    """project_first and multiply_first compute the same sum; chunking with padding too."""
+def test_per_example_paths_agree(samples, n, t, d_in, d_out):
+    """project_first and multiply_first compute the same sum."""
     a, u, q_in, q_out = _random_problem(t * d_in + d_out, samples, n, t, d_in, d_out)
     want = _s_exact(a, u, q_in, q_out)
     args = tuple(jnp.asarray(v) for v in (a, u, q_in, q_out))
@@ -131,10 +132,6 @@ def test_per_example_paths_and_chunks_agree(monkeypatch, samples, n, t, d_in, d_
         got = rescale._per_example_sum(*args, project_first=project_first)
         fm.assert_close(np.asarray(got) / (samples * n), want, RTOL)
     fm.assert_close(rescale.per_example(*args), want, RTOL)
-    # Chunks of 1, 2 and 3 examples (3 pads the batch unless n is a multiple of 3).
-    for chunk in (1, 2, 3):
-        monkeypatch.setattr(rescale, "_CHUNK_ELEMENTS", chunk * samples * d_in * d_out)
-        fm.assert_close(rescale.per_example(*args), want, RTOL, err_msg=f"chunk {chunk}")
     if t == 1:  # rank-one per-example gradients: per_location is the exact S.
         ap, up = args[0] @ args[2], args[1] @ args[3]
         fm.assert_close(rescale.per_location(ap, up), want, RTOL)
@@ -144,7 +141,7 @@ def test_per_example_paths_and_chunks_agree(monkeypatch, samples, n, t, d_in, d_
 def test_chunked_s_with_label_samples_matches_sampled_fisher(monkeypatch):
     """Chunked per-example S with 2 label samples: S = diag(Q^T F Q), F sampled, same rng."""
     _, logits_fn, params, _, y = fm.problem("dampnet")
-    monkeypatch.setattr(rescale, "_CHUNK_ELEMENTS", 60)  # conv2d: chunks of 3, 1 padded; conv1d: 2
+    monkeypatch.setattr(patches, "CHUNK_ELEMENTS", 60)  # streamed in chunks, some padded
     rng = jax.random.key(7)
     capture = fm.capture_fn("dampnet", "sampled", 2)
     out = capture(params, *fm.batch("dampnet", 0), rng)
@@ -219,3 +216,35 @@ def test_s_trace_and_diagonal_float32():
         exact = fm.fisher_np(*fm.layer_mats(leaf))
         fm.assert_close(np.sum(layer.rescale), np.trace(exact), 1e-4, err_msg=name)
         fm.assert_close(layer.rescale, _diag_in_basis(layer, exact), 1e-4, err_msg=name)
+
+
+@f64
+@pytest.mark.parametrize("n, budget", [(4, 1), (3, 2), (4, 60)])
+def test_streamed_statistics_equal_whole_batch(monkeypatch, n, budget):
+    """sum_over_examples equals the whole batch: 4 chunks of 1; 2 chunks of 2, one example
+    of padding (its bias row must be zeroed); one chunk."""
+    _, _, params, _, _ = fm.problem("dampnet")
+    out = fm.capture_fn("dampnet", "sampled", 2)(params, *fm.batch("dampnet", 0), jax.random.key(3))
+    for full in fm.flat(out.stats).values():
+        st = full.replace(inputs=full.inputs[:n], out_grads=full.out_grads[:, :n])
+        a = patches.input_matrix(st.inputs, st.meta)
+        u = patches.output_matrix(st.out_grads)
+        rng = np.random.default_rng(0)
+        q_in = jnp.asarray(np.linalg.qr(rng.normal(size=(st.meta.d_in,) * 2))[0])
+        q_out = jnp.asarray(np.linalg.qr(rng.normal(size=(st.meta.d_out,) * 2))[0])
+        functions = {
+            "kfac": lambda a, u: curvature.kfac_factors(a, u),
+            "tkfac": lambda a, u: curvature.tkfac_moments(a, u),
+            "per_example": functools.partial(rescale.per_example, q_in=q_in, q_out=q_out),
+            "per_location": lambda a, u, q_in=q_in, q_out=q_out: rescale.per_location(
+                a @ q_in, u @ q_out
+            ),
+        }
+        whole = {key: fn(a, u) for key, fn in functions.items()}
+        monkeypatch.setattr(patches, "CHUNK_ELEMENTS", budget)
+        for key, fn in functions.items():
+            got = patches.sum_over_examples(
+                fn, st.inputs, st.out_grads, st.meta, jnp.float64, per_example=1
+            )
+            chex.assert_trees_all_close(got, whole[key], rtol=1e-12, atol=1e-12)
+        monkeypatch.undo()
