@@ -59,7 +59,9 @@ DEFAULTS = {  # The library's default intervals, read from the preset's signatur
 MIB = 2.0**20
 
 
-def optimizers(only: list[str] | None) -> dict[str, tuple[optax.GradientTransformation, bool]]:
+def optimizers(
+    only: list[str] | None, intervals: list[str] | None = None
+) -> dict[str, tuple[optax.GradientTransformation, bool]]:
     """name -> (optimizer, uses curvature statistics); lr 0.01, damping 0.1."""
     out = {
         "sgdm": (optax.sgd(0.01, momentum=0.9), False),
@@ -67,6 +69,8 @@ def optimizers(only: list[str] | None) -> dict[str, tuple[optax.GradientTransfor
         "eadam": (tekfax.eadam(1e-3), False),
     }
     for interval, kwargs in INTERVALS.items():
+        if intervals and interval not in intervals:
+            continue
         for name, make in KRONECKER.items():
             out[f"{name} ({interval})"] = (make(0.01, damping=0.1, **kwargs), True)
     if only:
@@ -146,11 +150,13 @@ def _setup(name: str, batch: int):
     return model, variables, x, y
 
 
-def bench_steps(name: str, batch: int, window: int, warmup: int, only) -> list[dict]:
+def bench_steps(
+    name: str, batch: int, window: int, warmup: int, only, intervals=None
+) -> list[dict]:
     model, variables, x, y = _setup(name, batch)
     has_bn = "batch_stats" in variables
     rows = []
-    for opt_name, (opt, kronecker) in optimizers(only).items():
+    for opt_name, (opt, kronecker) in optimizers(only, intervals).items():
         params = _copy(variables["params"])
         batch_stats = _copy(variables.get("batch_stats", {}))
         opt_state = opt.init(params)
@@ -391,6 +397,7 @@ def main() -> None:
     parser.add_argument(
         "--optimizers", nargs="+", choices=["adam", "eadam", *KRONECKER], help="subset (SGD always)"
     )
+    parser.add_argument("--intervals", nargs="+", choices=list(INTERVALS), help="subset")
     parser.add_argument("--stages", action="store_true", help="also print the stage breakdown")
     parser.add_argument("--skip-steps", action="store_true", help="only the stage breakdown")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per stage")
@@ -407,7 +414,9 @@ def main() -> None:
         for batch in args.batch_sizes:
             run = {"model": name, "batch": batch}
             if not args.skip_steps:
-                run["steps"] = bench_steps(name, batch, args.window, args.warmup, args.optimizers)
+                run["steps"] = bench_steps(
+                    name, batch, args.window, args.warmup, args.optimizers, args.intervals
+                )
                 print_steps(name, batch, run["steps"], args.window)
             if args.stages:
                 run["stages"] = bench_stages(name, batch, args.repeats, peak)
