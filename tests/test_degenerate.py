@@ -9,7 +9,7 @@ front of a Dense head. Two properties:
    per-example output gradients u from ``jax.vmap(jax.grad)`` of one example's loss with
    respect to the layer's output. The brute-force per-example gradient sum_t a_t (x) u_t is
    itself checked against tests/reference.py (``jax.vmap(jax.grad)`` in the parameters).
-2. float32: for every preset and both damping schemes, two updates on degenerate batches
+2. float32: for every preset and both damping schemes, an update on degenerate batches
    (zero inputs, a dead ReLU layer, rank-deficient inputs, inputs scaled 1e-20 .. 1e20,
    batch size 1) are finite and every damped eigenvalue respects its damping floor.
 """
@@ -34,7 +34,23 @@ import tekfax
 CLASSES = 3
 LAMBDA = 1e-2
 NU = 1e-1
-SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=4, deadline=None, derandomize=True)
+
+
+def make_layer(config: tuple, **kwargs) -> nn.Module:
+    """The Dense or Conv layer a drawn ``config`` describes."""
+    kind, spec = config[0], dict(config[1:])
+    if kind == "dense":
+        return nn.Dense(spec["features"], use_bias=spec["bias"], **kwargs)
+    return nn.Conv(
+        spec["features"],
+        spec["kernel"],
+        strides=spec["strides"],
+        padding=spec["padding"],
+        kernel_dilation=spec["dilation"],
+        use_bias=spec["bias"],
+        **kwargs,
+    )
 
 
 class Probe(nn.Module):
@@ -43,23 +59,9 @@ class Probe(nn.Module):
     config: tuple
     activation: str = "tanh"
 
-    def first(self) -> nn.Module:
-        kind, spec = self.config[0], dict(self.config[1:])
-        if kind == "dense":
-            return nn.Dense(spec["features"], use_bias=spec["bias"], name="first")
-        return nn.Conv(
-            spec["features"],
-            spec["kernel"],
-            strides=spec["strides"],
-            padding=spec["padding"],
-            kernel_dilation=spec["dilation"],
-            use_bias=spec["bias"],
-            name="first",
-        )
-
     @nn.compact
     def __call__(self, x):
-        h = self.first()(x)
+        h = make_layer(self.config, name="first")(x)
         h = jnp.tanh(h) if self.activation == "tanh" else nn.relu(h)
         return nn.Dense(CLASSES, name="head")(h.reshape(h.shape[0], -1))
 
@@ -149,8 +151,7 @@ def _im2col(x: np.ndarray, config: tuple) -> np.ndarray:
 
 def _brute_u(model: Probe, params, x, y) -> np.ndarray:
     """u_{n,t} = d l_n / d s_{n,t}, (N, T, d_out), by jax.grad of one example's loss."""
-    first = model.first()
-    h = first.apply({"params": params["first"]}, x)
+    h = make_layer(model.config).apply({"params": params["first"]}, x)
 
     def example_loss(h_n, y_n):
         z = jnp.tanh(h_n).reshape(1, -1)
@@ -197,8 +198,8 @@ def test_kfac_factors_match_brute_force_float64(drawn):
         fm.assert_close(fm.approx_blocks(state)["first"], np.kron(big_a, big_g), 1e-9)
 
 
-SCENARIOS = ("zeros", "dead_relu", "rank_deficient", "tiny", "huge", "batch_1")
-SCALES = {"tiny": (1e-20, 1e-10), "huge": (1e10, 1e18, 1e20)}
+SCENARIOS = ("zeros", "dead_relu", "rank_deficient", "scaled", "batch_1")
+SCALES = {"scaled": (1e-20, 1e-10, 1e10, 1e18, 1e20)}
 
 
 def _degenerate_batch(scenario: str, x_shape, key, scale: float):
@@ -224,47 +225,56 @@ def _floor(preset: str, scheme: str, layer) -> float:
     return NU**2 / (d_in * d_out)  # (sqrt(d~) phi + d~/d_in)(sqrt(d~) psi + d~/d_out)
 
 
-@pytest.mark.parametrize("scheme", ["damping", "nu"])
-@pytest.mark.parametrize("preset", ["kfac", "ekfac", "tkfac", "tekfac"])
-@given(drawn=layers(), scenario=st.sampled_from(SCENARIOS), pick=st.integers(0, 2))
-@SETTINGS
-def test_degenerate_batches_give_finite_updates_float32(preset, scheme, drawn, scenario, pick):
+OPTIMIZERS = [(p, s) for p in ("kfac", "ekfac", "tkfac", "tekfac") for s in ("damping", "nu")]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@given(drawn=layers())
+@settings(max_examples=2, deadline=None, derandomize=True)
+def test_degenerate_batches_give_finite_updates_float32(scenario, drawn):
+    """All four presets with both damping schemes, compiled together; every scale of
+    ``SCALES`` runs through the same compiled update."""
     config, x_shape = drawn
-    activation = "relu" if scenario == "dead_relu" else "tanh"
-    model = Probe(config, activation)
-    scale = SCALES.get(scenario, (1.0,))[pick % len(SCALES.get(scenario, (1.0,)))]
+    model = Probe(config, "relu" if scenario == "dead_relu" else "tanh")
     kx, ky, kp, kr = jax.random.split(jax.random.key(len(str(drawn))), 4)
-    x = _degenerate_batch(scenario, x_shape, kx, scale)
-    y = jax.random.randint(ky, (x.shape[0],), 0, CLASSES)
-    params = model.init(kp, x)["params"]
+    batches = [_degenerate_batch(scenario, x_shape, kx, s) for s in SCALES.get(scenario, (1.0,))]
+    y = jax.random.randint(ky, (batches[0].shape[0],), 0, CLASSES)
+    params = model.init(kp, batches[0])["params"]
     if scenario == "dead_relu":  # every pre-activation negative: u = 0, the head sees zeros
         first = jax.tree.map(jnp.zeros_like, params["first"])
         if "bias" in first:
             first["bias"] = -jnp.ones_like(first["bias"])
         params = {**params, "first": first}
-    kwargs = {"damping": LAMBDA} if scheme == "damping" else {"nu": NU}
-    opt = getattr(tekfax, f"scale_by_{preset}")(
-        **kwargs, curvature_every=1, eigen_every=1, rescale_every=1
-    )
+    opts = {
+        (preset, scheme): getattr(tekfax, f"scale_by_{preset}")(
+            **({"damping": LAMBDA} if scheme == "damping" else {"nu": NU}),
+            curvature_every=1,
+            eigen_every=1,
+            rescale_every=1,
+        )
+        for preset, scheme in OPTIMIZERS
+    }
 
     @fm.jit
-    def two_updates(params):
+    def update(params, x):
         out = tekfax.loss_and_curvature(lambda p: model.apply({"params": p}, x), params, y, rng=kr)
-        state = opt.init(params)
-        first, state = opt.update(out.grads, state, params, stats=out.stats)
-        second, state = opt.update(out.grads, state, params, stats=out.stats)
-        return out.grads, first, second, state
+        results = {}
+        for key, opt in opts.items():
+            results[key] = opt.update(out.grads, opt.init(params), params, stats=out.stats)
+        return out.grads, results
 
-    grads, first, second, state = two_updates(params)
-    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
-    for tree in (first, second, state):
-        for leaf in jax.tree.leaves(tree):
-            assert np.all(np.isfinite(np.asarray(leaf))), (scenario, scale)
-    for name, layer in state.layers.items():
-        damped = np.asarray(layer.damped, np.float64)
-        assert np.all(np.isfinite(damped)), name
-        assert np.min(damped) >= _floor(preset, scheme, layer) * (1 - 1e-5), name
-        for field in ("factor_in", "factor_out", "q_in", "q_out", "eig_in", "eig_out"):
-            assert np.all(np.isfinite(np.asarray(getattr(layer, field)))), (name, field)
-    if scenario == "zeros" and not dict(config[1:])["bias"]:  # no input: nothing to move
-        np.testing.assert_array_equal(np.asarray(first["first"]["kernel"]), 0.0)
+    for scale, x in zip(SCALES.get(scenario, (1.0,)), batches, strict=True):
+        grads, results = update(params, x)
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+        for (preset, scheme), (updates, state) in results.items():
+            where = (preset, scheme, scenario, scale)
+            for leaf in jax.tree.leaves((updates, state)):
+                assert np.all(np.isfinite(np.asarray(leaf))), where
+            for name, layer in state.layers.items():
+                floor = _floor(preset, scheme, layer)
+                assert np.min(np.asarray(layer.damped, np.float64)) >= floor * (1 - 1e-5), (
+                    name,
+                    where,
+                )
+            if scenario == "zeros" and not dict(config[1:])["bias"]:  # no input: no move
+                np.testing.assert_array_equal(np.asarray(updates["first"]["kernel"]), 0.0)
