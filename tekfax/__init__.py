@@ -4,7 +4,8 @@ Pipeline, one module per stage: ``tagging`` (Flax interceptor) -> ``capture``
 (``loss_and_curvature``) -> ``patches`` (layer matrices) -> ``curvature`` (factor estimates)
 -> ``eigenbasis`` -> ``rescale`` (EKFAC/TEKFAC S) -> ``damping`` -> ``precondition``;
 ``kronecker`` wires the stages into ``scale_by_kronecker``, ``alias`` holds the presets,
-``eadam`` the EAdam optimizer and ``diagnostics`` the dense Fisher blocks.
+``eadam`` the EAdam optimizer, ``guard`` the non-finite step guard and ``diagnostics`` the
+dense Fisher blocks.
 """
 
 from tekfax import diagnostics
@@ -20,12 +21,14 @@ from tekfax.alias import (
 )
 from tekfax.capture import CurvatureOutput, LayerStats, loss_and_curvature
 from tekfax.eadam import ScaleByEAdamState, eadam, scale_by_eadam
+from tekfax.guard import SkipNonFiniteState, skip_non_finite, skipped_steps
 from tekfax.kronecker import (
     LayerCurvature,
     ScaleByKroneckerState,
     scale_by_kronecker,
     stats_needed,
 )
+from tekfax.serialization import state_from_bytes, state_to_bytes
 from tekfax.tagging import LayerMeta, tag_layers
 
 __version__ = "0.1.0"
@@ -37,6 +40,7 @@ __all__ = [
     "LayerStats",
     "ScaleByEAdamState",
     "ScaleByKroneckerState",
+    "SkipNonFiniteState",
     "diagnostics",
     "eadam",
     "ekfac",
@@ -48,6 +52,10 @@ __all__ = [
     "scale_by_kronecker",
     "scale_by_tekfac",
     "scale_by_tkfac",
+    "skip_non_finite",
+    "skipped_steps",
+    "state_from_bytes",
+    "state_to_bytes",
     "stats_needed",
     "tag_layers",
     "tekfac",

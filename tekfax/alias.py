@@ -11,6 +11,7 @@ import jax
 import optax
 
 from tekfax.kronecker import scale_by_kronecker
+from tekfax.validation import check_learning_rate, check_number
 
 _SHARED_DOC = """
     Keyword args (ALGORITHMS.md; shared by every preset):
@@ -23,8 +24,6 @@ _SHARED_DOC = """
       conv_rescale: ``"per_example"`` or ``"per_location"`` (EKFAC/TEKFAC convolutions).
       norm_constraint: kappa of the KL clip, or None.
 """
-
-_PI_DOC = "      pi_adjusted: split sqrt(lambda) between A and G by pi (False).\n"
 
 _PI_DOC = "      pi_adjusted: split sqrt(lambda) between A and G by pi (False).\n"
 
@@ -118,6 +117,8 @@ def _make_preset(name: str):
         norm_constraint: float | None = None,
         pi_adjusted: bool = False,
     ) -> optax.GradientTransformationExtraArgs:
+        check_learning_rate("learning_rate", learning_rate)
+        check_number("momentum", momentum, 0.0, 1.0, allow_none=False)
         return optax.chain(
             scale_by(
                 damping=damping,

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tekfax import losses
 from tekfax.tagging import LayerMeta, stat_dtype, tag_layers
@@ -129,7 +130,14 @@ def iter_layer_stats(stats: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple
         )
 
 
-def check_capture_args(loss: str, fisher: str, rng: Any, num_samples: int) -> None:
+def check_capture_args(
+    loss: str, fisher: str, rng: Any, num_samples: int, logits_fn: Any = None
+) -> None:
+    if logits_fn is not None and not callable(logits_fn):
+        raise TypeError(
+            "tekfax: logits_fn must be a callable params -> logits (e.g. lambda p: "
+            f"model.apply({{'params': p}}, x)), got {type(logits_fn).__name__}."
+        )
     losses.check_loss(loss)
     if fisher not in FISHER_MODES:
         raise ValueError(f"tekfax: unknown fisher={fisher!r}; choose 'sampled' or 'empirical'.")
@@ -138,8 +146,35 @@ def check_capture_args(loss: str, fisher: str, rng: Any, num_samples: int) -> No
             "tekfax: fisher='sampled' draws labels from the model, so it needs rng=a "
             "jax.random key (or pass fisher='empirical' to use the data labels)."
         )
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"tekfax: num_samples must be a positive int, got {num_samples!r}.")
+    if rng is not None and not (
+        isinstance(rng, jax.Array)
+        and (jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.dtype == jnp.uint32)
+    ):
+        raise TypeError(
+            "tekfax: rng must be a jax.random key (jax.random.key(0)), got "
+            f"{type(rng).__name__} {getattr(rng, 'dtype', '')}."
+        )
+
+
+def check_targets(loss: str, logits: jax.Array, targets: Any) -> None:
+    """Targets shaped for ``loss`` on these logits (broadcasting would silently be wrong)."""
+    shape = getattr(targets, "shape", None)
+    if shape is None:
+        raise TypeError(f"tekfax: targets must be an array, got {type(targets).__name__}.")
+    want = logits.shape[:-1] if loss == "softmax_cross_entropy" else logits.shape
+    kind = "integer labels" if loss == "softmax_cross_entropy" else "targets"
+    if tuple(shape) != tuple(want):
+        raise ValueError(
+            f"tekfax: targets has shape {tuple(shape)} but loss={loss!r} on logits of shape "
+            f"{tuple(logits.shape)} needs {kind} of shape {tuple(want)}."
+        )
+    if loss == "softmax_cross_entropy" and not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(
+            f"tekfax: targets for loss='softmax_cross_entropy' must be integer labels, got "
+            f"dtype {targets.dtype}."
+        )
 
 
 def loss_and_curvature(
@@ -186,7 +221,16 @@ def loss_and_curvature(
       ...                                 params, y, rng=jax.random.key(0))  # doctest: +SKIP
       >>> updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
     """
-    check_capture_args(loss, fisher, rng, num_samples)
+    check_capture_args(loss, fisher, rng, num_samples, logits_fn)
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"tekfax: has_aux must be True or False, got {type(has_aux).__name__}.")
+    if not isinstance(compute_stats, bool | np.bool_ | jax.Array | np.ndarray) or (
+        jnp.ndim(compute_stats) != 0
+    ):
+        raise TypeError(
+            "tekfax: compute_stats must be a bool or a scalar bool array (pass "
+            f"tekfax.stats_needed(opt_state)), got {type(compute_stats).__name__}."
+        )
     found = discover_layers(logits_fn, params, has_aux)
     probes = {
         name: (
@@ -202,6 +246,7 @@ def loss_and_curvature(
 
     logits, vjp_fn, aux = jax.vjp(tapped, params, probes, has_aux=True)
     batch = logits.shape[0]
+    check_targets(loss, logits, targets)
     loss_fn = functools.partial(losses.mean_loss, loss)
     loss_value, dlogits = jax.value_and_grad(loss_fn)(logits, targets)
     grads, probe_grads = vjp_fn(dlogits.astype(logits.dtype))

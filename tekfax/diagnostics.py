@@ -16,7 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from tekfax import losses
-from tekfax.capture import check_capture_args, discover_layers, flatten_by_name, nest_by_name
+from tekfax.capture import (
+    check_capture_args,
+    check_targets,
+    discover_layers,
+    flatten_by_name,
+    nest_by_name,
+)
 from tekfax.curvature import eigen_diagonal
 from tekfax.kronecker import LayerCurvature, find_kronecker_state
 
@@ -106,9 +112,16 @@ def exact_fisher_blocks(
     Models that couple examples (BatchNorm in training mode) have no per-example gradient;
     use them in inference mode here.
     """
-    check_capture_args(loss, "empirical" if fisher == "expected" else fisher, rng, num_samples)
+    if fisher not in ("sampled", "empirical", "expected"):
+        raise ValueError(
+            f"tekfax: unknown fisher={fisher!r}; choose 'sampled', 'empirical' or 'expected'."
+        )
+    check_capture_args(
+        loss, "empirical" if fisher == "expected" else fisher, rng, num_samples, logits_fn
+    )
     names = sorted(discover_layers(logits_fn, params))
     logits = logits_fn(params)
+    check_targets(loss, logits, targets)
     n = logits.shape[0]
     jac = jax.jacrev(logits_fn)(params)
     loss_fn = functools.partial(losses.mean_loss, loss)
@@ -150,10 +163,20 @@ def approximation_errors(approx: Any, exact_blocks: Any, *, damped: bool = False
     """
     if not isinstance(approx, Mapping | jax.Array):
         approx = damped_fisher_blocks(approx) if damped else approx_fisher_blocks(approx)
+    if not isinstance(exact_blocks, Mapping | jax.Array):
+        raise TypeError(
+            "tekfax: exact_blocks must be the nested dict of blocks from exact_fisher_blocks, "
+            f"got {type(exact_blocks).__name__}."
+        )
     approx_flat = flatten_by_name(approx)
     errors = {}
     for name, block in flatten_by_name(exact_blocks).items():
         if name not in approx_flat:
             raise ValueError(f"tekfax: layer '{name}' has an exact block but no approximate one.")
+        if approx_flat[name].shape != block.shape:
+            raise ValueError(
+                f"tekfax: layer '{name}' has an exact block of shape {block.shape} but an "
+                f"approximate one of shape {approx_flat[name].shape}."
+            )
         errors[name] = jnp.linalg.norm(block - approx_flat[name].astype(block.dtype))
     return nest_by_name(errors)

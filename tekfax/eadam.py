@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tekfax.validation import check_learning_rate, check_number
+
 
 class ScaleByEAdamState(NamedTuple):
     """count (int32), first moment mu and second moment nu (eps accumulated inside nu)."""
@@ -31,6 +33,9 @@ def scale_by_eadam(
     References:
       Yuan & Gao, "EAdam optimizer: how epsilon impact Adam", https://arxiv.org/abs/2011.02150
     """
+    check_number("b1", b1, 0.0, 1.0, allow_none=False)
+    check_number("b2", b2, 0.0, 1.0, allow_none=False)
+    check_number("eps", eps, 0.0, allow_none=False)
 
     def init_fn(params):
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -65,4 +70,5 @@ def eadam(
     References:
       https://arxiv.org/abs/2011.02150
     """
+    check_learning_rate("learning_rate", learning_rate)
     return optax.chain(scale_by_eadam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -34,6 +33,13 @@ from tekfax import damping as damping_rules
 from tekfax.capture import LayerStats, iter_layer_stats
 from tekfax.patches import grad_matrix, locations, matrix_to_grads, sum_over_examples
 from tekfax.tagging import stat_dtype
+from tekfax.validation import (
+    check_bool,
+    check_choice,
+    check_interval,
+    check_learning_rate,
+    check_number,
+)
 
 MISSING_STATS = (
     "tekfax: this transformation needs the curvature statistics as the keyword argument "
@@ -145,19 +151,6 @@ def _replace_layers(tree: Any, new: Mapping[str, Any], prefix: tuple[str, ...] =
     return tree
 
 
-def _check_number(
-    name: str, value: Any, low: float, high: float | None = None, integer: bool = False
-) -> None:
-    """Validates Python numbers; arrays (from inject_hyperparams) are trusted."""
-    if value is None or not isinstance(value, numbers.Number):
-        return
-    if integer and (not isinstance(value, numbers.Integral) or value < 1):
-        raise ValueError(f"tekfax: {name} must be a positive integer, got {value!r}.")
-    if value < low or (high is not None and value >= high) or not math.isfinite(value):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"tekfax: {name} must be finite and {bound}, got {value!r}.")
-
-
 def _layer_sum(fn, st: LayerStats, dtype: jnp.dtype, per_example: int):
     """``fn(a, u)`` over the layer's batch, streamed in chunks (bounded memory)."""
     return sum_over_examples(fn, st.inputs, st.out_grads, st.meta, dtype, per_example)
@@ -190,7 +183,20 @@ def _active_layers(
             raise ValueError(
                 f"tekfax: the gradient tree has no kernel/bias dict matching layer '{name}'."
             )
+        kernel = grad_layers[name]["kernel"]
+        grad_shape = (math.prod(kernel.shape[:-1]) + int(st.meta.has_bias), kernel.shape[-1])
+        if grad_shape != shape:
+            raise ValueError(
+                f"tekfax: layer '{name}' has a gradient (updates) of (d_in, d_out) = {grad_shape} "
+                f"but {shape} in the optimizer state; pass the gradients of the params that "
+                "opt.init was called with."
+            )
         active[name] = st
+    if not active:
+        raise ValueError(
+            "tekfax: stats holds no layer statistics; pass stats=out.stats from "
+            "tekfax.loss_and_curvature on a model with nn.Dense / nn.Conv layers."
+        )
     return active
 
 
@@ -249,29 +255,26 @@ def scale_by_kronecker(
       (https://arxiv.org/abs/1806.03884); Gao et al. 2021 (https://arxiv.org/abs/2011.10741);
       Gao et al. (https://arxiv.org/abs/2011.13609).
     """
-    if estimator not in curvature.ESTIMATORS:
-        raise ValueError(f"tekfax: unknown estimator {estimator!r}; choose 'kfac' or 'tkfac'.")
-    if conv_rescale not in rescale.CONV_RESCALE:
-        raise ValueError(
-            f"tekfax: unknown conv_rescale {conv_rescale!r}; choose 'per_example' or "
-            "'per_location'."
-        )
+    check_choice("estimator", estimator, curvature.ESTIMATORS)
+    check_choice("conv_rescale", conv_rescale, rescale.CONV_RESCALE)
+    check_bool("eigen_corrected", eigen_corrected)
+    check_bool("pi_adjusted", pi_adjusted)
     if damping is None and nu is None:
         raise ValueError("tekfax: damping is required (or pass nu for trace-adaptive damping).")
-    if pi_adjusted is True and (estimator != "kfac" or eigen_corrected):
+    if pi_adjusted and (estimator != "kfac" or eigen_corrected):
         raise ValueError("tekfax: pi_adjusted applies to KFAC's factored damping only.")
-
-    _check_number("damping", damping, 0.0)
-    _check_number("nu", nu, 0.0)
-    _check_number("norm_constraint", norm_constraint, 0.0)
-    _check_number("ema", ema, 0.0, 1.0)
-    _check_number("rescale_ema", rescale_ema, 0.0, 1.0)
+    check_number("damping", damping, 0.0, low_inclusive=False)
+    check_number("nu", nu, 0.0, low_inclusive=False)
+    check_number("norm_constraint", norm_constraint, 0.0, low_inclusive=False)
+    check_number("ema", ema, 0.0, 1.0, allow_none=False)
+    check_number("rescale_ema", rescale_ema, 0.0, 1.0, allow_none=False)
     for name, value in (
         ("curvature_every", curvature_every),
         ("eigen_every", eigen_every),
         ("rescale_every", rescale_every),
     ):
-        _check_number(name, value, 1, integer=True)
+        check_interval(name, value)
+    check_learning_rate("learning_rate", learning_rate, allow_none=True)
     tkfac = estimator == "tkfac"
 
     def init_fn(params: Any) -> ScaleByKroneckerState:
@@ -309,6 +312,11 @@ def scale_by_kronecker(
         del params, extra_args
         if stats is None:
             raise ValueError(MISSING_STATS)
+        if not isinstance(state, ScaleByKroneckerState):
+            raise TypeError(
+                "tekfax: state must be the ScaleByKroneckerState from this transformation's "
+                f"init, got {type(state).__name__}."
+            )
         grad_layers = dict(find_layers(updates))
         active = _active_layers(state, stats, grad_layers)
         old = {name: state.layers[name] for name in active}
@@ -317,9 +325,11 @@ def scale_by_kronecker(
         count = state.count
         do_curvature, do_eigen, do_rescale = _schedule(count)
 
-        # 1. Curvature estimate (section 2-3).
-        def new_factors():  # Layer matrices are built inside the branches that use them.
-            out = {}
+        # 1. Curvature estimate (section 2-3). A batch whose factors are not finite (NaN
+        # inputs, overflow) is left out of the moving averages, weight included. Layer
+        # matrices are built inside the branches that use them, never otherwise.
+        def new_factors():
+            out, finite = {}, []
             for k, st in active.items():
                 f_in, f_out = _layer_sum(
                     functools.partial(curvature.batch_factors, estimator),
@@ -327,26 +337,28 @@ def scale_by_kronecker(
                     dtypes[k],
                     _factor_elements(st),
                 )
+                finite.append(jnp.all(jnp.isfinite(f_in)) & jnp.all(jnp.isfinite(f_out)))
                 out[k] = (
                     curvature.ema(old[k].factor_in, f_in, ema),
                     curvature.ema(old[k].factor_out, f_out, ema),
                 )
-            return out
+            return out, jnp.all(jnp.stack(finite))
 
-        factors = lax.cond(
-            do_curvature,
-            new_factors,
-            lambda: {k: (v.factor_in, v.factor_out) for k, v in old.items()},
+        def old_factors():
+            return {k: (v.factor_in, v.factor_out) for k, v in old.items()}, jnp.array(False)
+
+        factors, accepted = lax.cond(do_curvature, new_factors, old_factors)
+        factors = jax.tree_util.tree_map(
+            lambda new, previous: jnp.where(accepted, new, previous), factors, old_factors()[0]
         )
-        weight = jnp.where(
-            do_curvature, curvature.ema(state.ema_weight, 1.0, ema), state.ema_weight
-        )
+        weight = jnp.where(accepted, curvature.ema(state.ema_weight, 1.0, ema), state.ema_weight)
 
         # 2. Eigenbasis refresh (section 3).
         def refresh():
             estimates = {}
             for k, (f_in, f_out) in factors.items():
-                w = weight.astype(f_in.dtype)
+                # w is 0 only while no batch was accepted, and then the factors are 0 too.
+                w = jnp.where(weight > 0, weight, 1.0).astype(f_in.dtype)
                 estimates[k, "in"], estimates[k, "out"] = f_in / w, f_out / w
             decomposed = eigenbasis.eigh_psd_grouped(estimates)
             out = {}
@@ -384,7 +396,9 @@ def scale_by_kronecker(
                 )
                 s_init = curvature.eigen_diagonal(eig_in, eig_out, delta)
                 base = jnp.where(do_eigen, s_init, old[k].rescale)
-                out[k] = curvature.ema(base, s_batch, rescale_ema)
+                # A non-finite S_batch is left out, like a non-finite factor batch.
+                finite = jnp.all(jnp.isfinite(s_batch))
+                out[k] = jnp.where(finite, curvature.ema(base, s_batch, rescale_ema), base)
             return out
 
         if eigen_corrected:

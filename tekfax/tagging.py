@@ -247,6 +247,11 @@ def tag_layers(
       >>> sorted(layers)  # doctest: +SKIP
       ['Conv_0', 'Dense_0']
     """
+    if probes is not None and not isinstance(probes, Mapping):
+        raise TypeError(
+            "tekfax: probes must be None or a mapping from layer name to (out_probe, "
+            f"in_probe), got {type(probes).__name__}."
+        )
     interceptor = _Interceptor(probes)
     with nn.intercept_methods(interceptor):
         yield interceptor.discovered

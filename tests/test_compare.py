@@ -32,6 +32,7 @@ RECORD_KEYS = {
     "eval_seconds",
     "cumulative_seconds",
     "images_per_second",
+    "skipped_steps",
 }
 TEKFAC = ["--lr", "tekfac=0.03", "--damping", "0.3"]
 

@@ -83,13 +83,21 @@ def restore(payload: dict, params: Any, batch_stats: Any, opt_state: Any) -> tup
     """``(params, batch_stats, opt_state, key)`` with the structures of the given templates."""
     params = flax.serialization.from_state_dict(params, payload["params"])
     batch_stats = flax.serialization.from_state_dict(batch_stats, payload["batch_stats"])
-    template, treedef = jax.tree_util.tree_flatten(opt_state)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
+    template = [leaf for _, leaf in paths]
     leaves = payload["opt_state"]
-    if len(leaves) != len(template) or any(
-        np.shape(a) != np.shape(b) or np.asarray(a).dtype != np.asarray(b).dtype
-        for a, b in zip(leaves, template, strict=True)
-    ):
-        raise ValueError("checkpoint optimizer state does not match this optimizer.")
+    if len(leaves) != len(template):
+        raise ValueError(
+            f"checkpoint optimizer state has {len(leaves)} arrays, this optimizer {len(template)}: "
+            "it was saved by another optimizer or model."
+        )
+    for (path, want), got in zip(paths, leaves, strict=True):
+        if np.shape(got) != np.shape(want) or np.asarray(got).dtype != np.asarray(want).dtype:
+            raise ValueError(
+                f"checkpoint optimizer state does not match this optimizer at "
+                f"opt_state{jax.tree_util.keystr(path)}: saved {np.shape(got)} "
+                f"{np.asarray(got).dtype}, expected {np.shape(want)} {np.asarray(want).dtype}."
+            )
     opt_state = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in leaves])
     as_jax = jax.numpy.asarray
     params = jax.tree_util.tree_map(as_jax, params)

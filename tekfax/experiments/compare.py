@@ -172,6 +172,7 @@ def _run_entry(result: RunResult, phase: str) -> dict:
         "compile_seconds": result.compile_seconds,
         "resumed_from_epoch": result.resumed_from_epoch,
         "diverged": result.diverged,
+        "skipped_steps": result.skipped_steps,
         "records": result.records,
     }
 

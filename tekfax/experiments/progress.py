@@ -14,7 +14,11 @@ _WIDTH = 20
 
 
 class ProgressBar:
-    """``label epoch e/E [#####-----] i/n loss 0.1234 acc 97.1% 1234 img/s``."""
+    """``label epoch e/E [#####-----] i/n loss 0.1234 acc 97.1% 1234 img/s [3 skipped]``.
+
+    The skipped count (steps with a non-finite gradient, skipped by
+    :func:`tekfax.skip_non_finite`) appears only when it is not zero.
+    """
 
     def __init__(
         self,
@@ -37,31 +41,54 @@ class ProgressBar:
         """Whether a redraw is due now (callers fetch their running numbers only then)."""
         return self.live and time.perf_counter() - self._last >= self.interval
 
-    def render(self, done: int, loss: float, accuracy: float | None, images_per_s: float) -> str:
-        """The bar's text for ``done`` of ``total`` batches."""
+    def render(
+        self,
+        done: int,
+        loss: float,
+        accuracy: float | None,
+        images_per_s: float,
+        skipped: int = 0,
+    ) -> str:
+        """The bar's text for ``done`` of ``total`` batches (and skipped steps, if any)."""
         filled = _WIDTH * done // max(self.total, 1)
         bar = "#" * filled + "-" * (_WIDTH - filled)
         acc = "" if accuracy is None else f" acc {100 * accuracy:5.1f}%"
         return (
             f"{self.label} epoch {self.epoch}/{self.epochs} [{bar}] {done}/{self.total} "
             f"loss {loss:.4f}{acc} {images_per_s:,.0f} img/s"
+            + (f" {skipped} skipped" if skipped else "")
         )
 
-    def update(self, done: int, loss: float, accuracy: float | None, images_per_s: float) -> None:
+    def update(
+        self,
+        done: int,
+        loss: float,
+        accuracy: float | None,
+        images_per_s: float,
+        skipped: int = 0,
+    ) -> None:
         """Redraws the bar in place (terminals only)."""
         if not self.live:
             return
         self._last = time.perf_counter()
-        self.stream.write("\r" + self.render(done, loss, accuracy, images_per_s) + "\x1b[K")
+        text = self.render(done, loss, accuracy, images_per_s, skipped)
+        self.stream.write("\r" + text + "\x1b[K")
         self.stream.flush()
 
     def close(
-        self, done: int, loss: float, accuracy: float | None, images_per_s: float, note: str = ""
+        self,
+        done: int,
+        loss: float,
+        accuracy: float | None,
+        images_per_s: float,
+        note: str = "",
+        skipped: int = 0,
     ) -> None:
         """Writes the epoch's final line and a newline."""
         if not self.enabled:
             return
-        text = self.render(done, loss, accuracy, images_per_s) + (f" | {note}" if note else "")
+        text = self.render(done, loss, accuracy, images_per_s, skipped)
+        text += f" | {note}" if note else ""
         self.stream.write(
             ("\r" if self.live else "") + text + ("\x1b[K" if self.live else "") + "\n"
         )

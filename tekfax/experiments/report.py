@@ -37,6 +37,7 @@ CSV_FIELDS = (
     "eval_seconds",
     "cumulative_seconds",
     "images_per_second",
+    "skipped_steps",
 )
 PLOTS = ("curves_epoch.png", "curves_seconds.png")
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "tekfax", "numpy")
@@ -138,6 +139,7 @@ def summarize(
             "mean": float(np.mean(ok)) if len(ok) else math.nan,
             "std": float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0,
             "diverged": len(mine) - len(ok),
+            "skipped_steps": sum(int(run.get("skipped_steps") or 0) for run in mine),
             "epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else math.nan,
             "target": target,
             "reached": len(reached),

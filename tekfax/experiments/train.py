@@ -1,5 +1,9 @@
 """One training run: (model, dataset, optimizer, hyperparameters, seed) -> per-epoch records.
 
+Every optimizer is wrapped in :func:`tekfax.skip_non_finite`: a step with a non-finite
+gradient, statistic or result is skipped (parameters and optimizer state unchanged) and
+counted; the count is shown in the progress bar and recorded as ``skipped_steps``.
+
 The jitted train step uses :func:`tekfax.loss_and_curvature` (statistics only on the steps
 that consume them, ``compute_stats=tekfax.stats_needed(opt_state)``) for the Kronecker
 optimizers and ``jax.value_and_grad`` for the first-order ones. Numeric hyperparameters are
@@ -78,6 +82,7 @@ class RunResult:
     compile_seconds: float
     diverged: bool
     resumed_from_epoch: int
+    skipped_steps: int = 0
 
 
 _STEPS: dict[tuple, Callable] = {}
@@ -90,8 +95,13 @@ def _variables(params: Any, batch_stats: Any) -> dict:
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+def _guarded(name: str, numeric: Any, static: dict, boundaries: dict) -> Any:
+    """The optimizer wrapped in :func:`tekfax.skip_non_finite`: a NaN batch is skipped."""
+    return tekfax.skip_non_finite(optimizers.make_optimizer(name, numeric, static, boundaries))
+
+
 def _init_optimizer(name: str, static: dict, params: Any, numeric: dict) -> Any:
-    return optimizers.make_optimizer(name, numeric, static, {}).init(params)
+    return _guarded(name, numeric, static, {}).init(params)
 
 
 def _correct(loss: str, logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -102,7 +112,7 @@ def _correct(loss: str, logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def _make_step(model, loss: str, name: str, static: dict, boundaries: dict) -> Callable:
     def step(params, batch_stats, opt_state, numeric, x, y, key, index):
-        opt = optimizers.make_optimizer(name, numeric, static, boundaries)
+        opt = _guarded(name, numeric, static, boundaries)
 
         def logits_fn(p):
             if batch_stats:
@@ -306,10 +316,15 @@ def train(
                 seen = fetched * config.batch_size
                 accuracy = correct_sum / seen if loss == "softmax_cross_entropy" else None
                 rate = seen / (time.perf_counter() - tic)
-                bar.update(fetched, loss_sum / fetched, accuracy, rate)
+                skipped = int(tekfax.skipped_steps(opt_state))
+                bar.update(fetched, loss_sum / fetched, accuracy, rate, skipped)
         jax.block_until_ready(params)
         epoch_seconds = time.perf_counter() - tic
-        train_loss = float(np.mean(np.asarray(jax.device_get(batch_losses), np.float64)))
+        # Skipped (non-finite) batches are left out; an epoch with no finite batch diverged.
+        epoch_losses = np.asarray(jax.device_get(batch_losses), np.float64)
+        finite = np.isfinite(epoch_losses)
+        train_loss = float(np.mean(epoch_losses[finite])) if finite.any() else math.nan
+        skipped = int(tekfax.skipped_steps(opt_state))
         seen = len(batch_losses) * config.batch_size
         train_accuracy = (
             float(np.sum(jax.device_get(batch_correct))) / seen
@@ -333,6 +348,7 @@ def train(
                 "eval_seconds": eval_seconds,
                 "cumulative_seconds": cumulative,
                 "images_per_second": seen / epoch_seconds,
+                "skipped_steps": skipped,
             }
         )
         test_text = (
@@ -346,6 +362,7 @@ def train(
             train_accuracy,
             seen / epoch_seconds,
             test_text + (" (diverged)" if diverged else ""),
+            skipped,
         )
         if checkpoint_path is not None:
             checkpoint.save(
@@ -362,5 +379,13 @@ def train(
                 extra={"diverged": diverged},
             )
     return RunResult(
-        config, records, params, batch_stats, opt_state, compile_seconds, diverged, resumed_from
+        config,
+        records,
+        params,
+        batch_stats,
+        opt_state,
+        compile_seconds,
+        diverged,
+        resumed_from,
+        int(tekfax.skipped_steps(opt_state)),
     )

@@ -1,0 +1,270 @@
+"""tekfax.skip_non_finite: NaN/Inf batches mid-run are skipped and poison nothing.
+
+The reference for a run with bad batches is the same run with those batches left out: a
+skipped step must leave parameters and optimizer state exactly as they were, so the two
+runs end bit for bit equal. Batches carry their own Fisher key, so leaving one out does not
+shift the labels the others sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tekfax
+from tekfax.experiments import compare
+from tekfax.experiments.data import iterate_batches, load_dataset
+from tests.models import MLP
+
+N, D_IN, CLASSES = 16, 3, 4
+MODEL = MLP(features=(5, CLASSES))
+INTERVALS = {"curvature_every": 1, "eigen_every": 2, "rescale_every": 1}
+OPTIMIZERS = {
+    "kfac": lambda: tekfax.kfac(0.1, damping=1e-2, **INTERVALS),
+    "ekfac": lambda: tekfax.ekfac(0.1, damping=1e-2, **INTERVALS),
+    "tkfac": lambda: tekfax.tkfac(0.1, damping=1e-2, **INTERVALS),
+    "tekfac": lambda: tekfax.tekfac(0.1, damping=1e-2, **INTERVALS),
+    "tkfac-nu": lambda: tekfax.tkfac(0.1, nu=10.0, **INTERVALS),
+    "adam": lambda: optax.adam(1e-2),
+}
+KRONECKER = ("kfac", "ekfac", "tkfac", "tekfac", "tkfac-nu")
+STEPS = 7
+BAD = {2: np.nan, 4: np.inf, 5: -np.inf}  # step -> value written into one input entry
+
+
+def _batch(k: int, bad=None):
+    kx, ky, kr = jax.random.split(jax.random.key(200 + k), 3)
+    x = jax.random.normal(kx, (N, D_IN))
+    if bad is not None:
+        x = x.at[3, 1].set(bad)
+    return x, jax.random.randint(ky, (N,), 0, CLASSES), kr
+
+
+def _params():
+    return MODEL.init(jax.random.key(0), jnp.zeros((1, D_IN)))["params"]
+
+
+@functools.cache
+def _step(name: str):
+    opt = tekfax.skip_non_finite(OPTIMIZERS[name]())
+    kron = name in KRONECKER
+
+    @jax.jit
+    def step(params, state, x, y, rng):
+        if kron:
+            out = tekfax.loss_and_curvature(
+                lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng
+            )
+            updates, state = opt.update(out.grads, state, params, stats=out.stats)
+        else:
+            grads = jax.grad(
+                lambda p: optax.softmax_cross_entropy_with_integer_labels(
+                    MODEL.apply({"params": p}, x), y
+                ).mean()
+            )(params)
+            updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, updates
+
+    return opt, step
+
+
+def _train(name: str, schedule):
+    """Runs ``schedule``, a list of (batch index, bad value or None)."""
+    opt, step = _step(name)
+    params = _params()
+    state = opt.init(params)
+    history = []
+    for k, bad in schedule:
+        before = (params, state)
+        params, state, updates = step(params, state, *_batch(k, bad))
+        history.append((before, params, state, updates))
+    return params, state, history
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_nan_and_inf_batches_mid_run_poison_nothing(name):
+    dirty = [(k, BAD.get(k)) for k in range(STEPS)]
+    clean = [(k, None) for k in range(STEPS) if k not in BAD]
+    params, state, history = _train(name, dirty)
+    want_params, want_state, _ = _train(name, clean)
+
+    chex.assert_tree_all_finite((params, state.inner_state))
+    chex.assert_trees_all_equal(params, want_params)
+    chex.assert_trees_all_equal(state.inner_state, want_state.inner_state)
+    assert int(tekfax.skipped_steps(state)) == len(BAD) and int(want_state.skipped) == 0
+    for k, ((before_params, before_state), after_params, after_state, updates) in enumerate(
+        history
+    ):
+        skipped = k in BAD
+        assert bool(after_state.last_finite) is not skipped
+        if skipped:  # zero updates, parameters and inner state exactly as before
+            chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+            chex.assert_trees_all_equal(after_params, before_params)
+            chex.assert_trees_all_equal(after_state.inner_state, before_state.inner_state)
+    assert [int(h[2].consecutive) for h in history] == [0, 0, 1, 0, 1, 2, 0]
+    if name in KRONECKER:  # the helpers see through the wrapper
+        assert int(tekfax.diagnostics.approx_fisher_blocks(state)["Dense_0"].shape[0]) == 20
+        assert bool(tekfax.stats_needed(state))
+
+
+@pytest.mark.parametrize("name", ["kfac", "tekfac", "adam"])
+def test_guard_changes_nothing_on_finite_runs(name):
+    """On clean batches the guarded optimizer equals the bare one."""
+    params, state, _ = _train(name, [(k, None) for k in range(4)])
+    opt = OPTIMIZERS[name]()
+    bare_params = _params()
+    bare_state = opt.init(bare_params)
+    for k in range(4):
+        x, y, rng = _batch(k)
+        if name in KRONECKER:
+            out = tekfax.loss_and_curvature(
+                lambda p, x=x: MODEL.apply({"params": p}, x), bare_params, y, rng=rng
+            )
+            grads, extra = out.grads, {"stats": out.stats}
+        else:
+            grads = jax.grad(
+                lambda p, x=x, y=y: optax.softmax_cross_entropy_with_integer_labels(
+                    MODEL.apply({"params": p}, x), y
+                ).mean()
+            )(bare_params)
+            extra = {}
+        updates, bare_state = opt.update(grads, bare_state, bare_params, **extra)
+        bare_params = optax.apply_updates(bare_params, updates)
+    chex.assert_trees_all_close(params, bare_params, rtol=1e-4, atol=1e-5)
+    if name in KRONECKER:  # eigenvectors are basis-dependent in float32; the blocks are not
+        blocks = tekfax.diagnostics.approx_fisher_blocks
+        chex.assert_trees_all_close(blocks(state), blocks(bare_state), rtol=1e-4, atol=1e-5)
+    else:
+        chex.assert_trees_all_close(state.inner_state, bare_state, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_stats_alone_are_skipped():
+    """Finite gradients with a NaN statistic: the step is skipped (the stats are checked)."""
+    opt = tekfax.skip_non_finite(tekfax.scale_by_kfac(damping=1e-2, **INTERVALS))
+    params = _params()
+    x, y, rng = _batch(0)
+    out = tekfax.loss_and_curvature(lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng)
+    leaf = out.stats["Dense_0"]
+    leaf = leaf.replace(out_grads=leaf.out_grads.at[0, 0, 0].set(jnp.inf))
+    poisoned = {**out.stats, "Dense_0": leaf}
+    state = opt.init(params)
+    updates, new = jax.jit(opt.update)(out.grads, state, params, stats=poisoned)
+    assert int(new.skipped) == 1
+    chex.assert_trees_all_equal(new.inner_state, state.inner_state)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, out.grads))
+
+
+def test_non_finite_inner_result_is_skipped_and_counted_consecutively():
+    """Finite inputs, NaN produced inside the inner transformation (from its step 2 on)."""
+    inner = optax.scale_by_schedule(lambda count: jnp.where(count >= 2, jnp.nan, 1.0))
+    opt = tekfax.skip_non_finite(inner)
+    update = jax.jit(opt.update)
+    grads = {"w": jnp.ones(3)}
+    state = opt.init(grads)
+    flags = []
+    for _ in range(5):
+        updates, state = update(grads, state)
+        flags.append((bool(state.last_finite), int(state.consecutive), float(updates["w"][0])))
+    assert flags == [(True, 0, 1.0), (True, 0, 1.0), (False, 1, 0.0), (False, 2, 0.0)] + [
+        (False, 3, 0.0)
+    ]
+    assert int(tekfax.skipped_steps(state)) == 3
+    assert int(state.inner_state.count) == 2  # the inner count never moved past the NaN
+
+
+def test_compiles_once_composes_in_chain_and_inject_hyperparams():
+    traces = []
+    guarded = tekfax.skip_non_finite(
+        optax.inject_hyperparams(tekfax.kfac)(learning_rate=0.1, damping=1e-2, **INTERVALS)
+    )
+    opt = optax.chain(guarded, optax.clip(10.0))  # the extra arg reaches the inner preset
+
+    @jax.jit
+    def step(params, state, x, y, rng):
+        traces.append(1)
+        out = tekfax.loss_and_curvature(lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng)
+        updates, state = opt.update(out.grads, state, params, stats=out.stats)
+        return optax.apply_updates(params, updates), state
+
+    params = _params()
+    state = opt.init(params)
+    for k in range(STEPS):
+        params, state = step(params, state, *_batch(k, BAD.get(k)))
+    assert len(traces) == 1
+    assert int(tekfax.skipped_steps(state)) == len(BAD)
+    hyper = state[0].inner_state.hyperparams
+    assert float(hyper["damping"]) == pytest.approx(1e-2)
+    chex.assert_tree_all_finite(params)
+
+
+def test_scale_by_kronecker_keeps_non_finite_statistics_out_of_its_averages():
+    """Defence in depth without the wrapper: a NaN/overflowing batch factor or S is dropped."""
+    for preset in ("kfac", "ekfac", "tkfac", "tekfac"):
+        opt = getattr(tekfax, f"scale_by_{preset}")(damping=1e-2, **INTERVALS)
+        update = jax.jit(opt.update)
+        params = _params()
+        x, y, rng = _batch(0)
+        out = tekfax.loss_and_curvature(
+            lambda p, x=x: MODEL.apply({"params": p}, x), params, y, rng=rng
+        )
+        _, first = update(out.grads, opt.init(params), params, stats=out.stats)
+        x2, y2, rng2 = _batch(1, np.nan)
+        bad = tekfax.loss_and_curvature(
+            lambda p, x=x2: MODEL.apply({"params": p}, x), params, y2, rng=rng2
+        )
+        p_grads, second = update(out.grads, first, params, stats=bad.stats)  # finite grads
+        assert float(second.ema_weight) == float(first.ema_weight), preset
+        for name, layer in second.layers.items():
+            chex.assert_trees_all_equal(layer.factor_in, first.layers[name].factor_in)
+            chex.assert_trees_all_equal(layer.factor_out, first.layers[name].factor_out)
+            if layer.rescale is not None:  # step 1 is no refresh: S stays as it was
+                chex.assert_trees_all_equal(layer.rescale, first.layers[name].rescale)
+        chex.assert_tree_all_finite((p_grads, second))
+
+
+def test_arguments_are_validated():
+    with pytest.raises(TypeError, match="inner"):
+        tekfax.skip_non_finite(lambda g: g)
+    with pytest.raises(ValueError, match="skip_non_finite"):
+        tekfax.skipped_steps(optax.adam(1e-3).init({"w": jnp.ones(2)}))
+
+
+# --- the tool: tekfax-compare skips NaN batches and reports them ----------------------------
+
+
+def test_compare_tool_skips_nan_batches_and_reports_them(tmp_path, monkeypatch, capsys):
+    digits = load_dataset("digits")
+    poisoned = np.array([5, 700, 1200])  # training examples with a NaN pixel
+    x_train = digits.x_train.copy()
+    x_train[poisoned, 0, 0, 0] = np.nan
+    monkeypatch.setattr(
+        compare, "load_dataset", lambda *a, **k: dataclasses.replace(digits, x_train=x_train)
+    )
+    # Independent count: the batches of epoch 1 (seed 0) that hold a poisoned example.
+    index = np.arange(len(x_train))
+    batches = iterate_batches(index, index, 128, np.random.default_rng((0, 0)), digits.augment)
+    expected = sum(bool(np.isin(yb, poisoned).any()) for _, yb in batches)
+    assert expected >= 1
+
+    out = tmp_path / "nan"
+    flags = ["--model", "mlp", "--optimizers", "sgdm", "kfac", "--epochs", "1"]
+    assert compare.main(["--output", str(out), *flags, "--lr", "kfac=0.03"]) == 0
+    err = capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    for run in results["runs"]:
+        name = run["optimizer"]
+        assert run["skipped_steps"] == expected and not run["diverged"], name
+        record = run["records"][0]
+        assert record["skipped_steps"] == expected
+        assert np.isfinite(record["train_loss"]) and record["test_accuracy"] > 0.5, name
+        assert re.search(rf"^{name} seed 0 epoch 1/1 .* img/s {expected} skipped \|", err, re.M)
+        assert results["summary"][name]["skipped_steps"] == expected
