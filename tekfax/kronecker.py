@@ -328,29 +328,30 @@ def scale_by_kronecker(
         # 1. Curvature estimate (section 2-3). A batch whose factors are not finite (NaN
         # inputs, overflow) is left out of the moving averages, weight included. Layer
         # matrices are built inside the branches that use them, never otherwise.
+        def old_factors():
+            return {k: (v.factor_in, v.factor_out) for k, v in old.items()}, jnp.array(False)
+
         def new_factors():
-            out, finite = {}, []
+            batch, finite = {}, []
             for k, st in active.items():
-                f_in, f_out = _layer_sum(
+                batch[k] = _layer_sum(
                     functools.partial(curvature.batch_factors, estimator),
                     st,
                     dtypes[k],
                     _factor_elements(st),
                 )
-                finite.append(jnp.all(jnp.isfinite(f_in)) & jnp.all(jnp.isfinite(f_out)))
-                out[k] = (
-                    curvature.ema(old[k].factor_in, f_in, ema),
-                    curvature.ema(old[k].factor_out, f_out, ema),
+                finite.extend(jnp.all(jnp.isfinite(f)) for f in batch[k])
+            ok = jnp.all(jnp.stack(finite))
+            out = {
+                k: tuple(
+                    jnp.where(ok, curvature.ema(f_old, f_new, ema), f_old)
+                    for f_old, f_new in zip(old_factors()[0][k], batch[k], strict=True)
                 )
-            return out, jnp.all(jnp.stack(finite))
-
-        def old_factors():
-            return {k: (v.factor_in, v.factor_out) for k, v in old.items()}, jnp.array(False)
+                for k in active
+            }
+            return out, ok
 
         factors, accepted = lax.cond(do_curvature, new_factors, old_factors)
-        factors = jax.tree_util.tree_map(
-            lambda new, previous: jnp.where(accepted, new, previous), factors, old_factors()[0]
-        )
         weight = jnp.where(accepted, curvature.ema(state.ema_weight, 1.0, ema), state.ema_weight)
 
         # 2. Eigenbasis refresh (section 3).
