@@ -4,10 +4,11 @@ Pipeline, one module per stage: ``tagging`` (Flax interceptor) -> ``capture``
 (``loss_and_curvature``) -> ``patches`` (layer matrices) -> ``curvature`` (factor estimates)
 -> ``eigenbasis`` -> ``rescale`` (EKFAC/TEKFAC S) -> ``damping`` -> ``precondition``;
 ``kronecker`` wires the stages into ``scale_by_kronecker``, ``alias`` holds the presets,
-``eadam`` the EAdam optimizer and ``diagnostics`` the dense Fisher blocks.
+``eadam`` the EAdam optimizer, ``diagnostics`` the dense Fisher blocks and ``sharding``
+the data-parallel helpers (mesh, batch sharding).
 """
 
-from tekfax import diagnostics
+from tekfax import diagnostics, sharding
 from tekfax.alias import (
     ekfac,
     kfac,
@@ -48,6 +49,7 @@ __all__ = [
     "scale_by_kronecker",
     "scale_by_tekfac",
     "scale_by_tkfac",
+    "sharding",
     "stats_needed",
     "tag_layers",
     "tekfac",

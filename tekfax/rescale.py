@@ -49,12 +49,15 @@ def per_example(a: jax.Array, u: jax.Array, q_in: jax.Array, q_out: jax.Array) -
     project_first = t * (d_in * d_in + d_out * d_out + d_in * d_out) <= (
         t * d_in * d_out + d_in * d_in * d_out + d_in * d_out * d_out
     )
-    chunk = max(1, min(n, _CHUNK_ELEMENTS // (samples * d_in * d_out)))
-    num_chunks = -(-n // chunk)
+    num_chunks = -(-n // max(1, min(n, _CHUNK_ELEMENTS // (samples * d_in * d_out))))
+    chunk = -(-n // num_chunks)  # equal chunks: no padding when num_chunks divides n
     pad = num_chunks * chunk - n  # zero examples contribute nothing to the sum
-    a = jnp.pad(a, ((0, pad), (0, 0), (0, 0))).reshape(num_chunks, chunk, t, d_in)
+    # Chunk k holds examples k, k + num_chunks, ...: the batch axis stays the within-chunk
+    # axis, so a batch sharded over devices stays sharded inside the scan.
+    a = jnp.pad(a, ((0, pad), (0, 0), (0, 0))).reshape(chunk, num_chunks, t, d_in)
+    a = jnp.moveaxis(a, 1, 0)
     u = jnp.pad(u, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    u = jnp.moveaxis(u.reshape(samples, num_chunks, chunk, t, d_out), 1, 0)
+    u = jnp.moveaxis(u.reshape(samples, chunk, num_chunks, t, d_out), 2, 0)
 
     def body(total, chunk_data):
         a_c, u_c = chunk_data

@@ -1,0 +1,161 @@
+"""Data parallelism with jax.sharding: 8 forced CPU devices and two processes equal one device.
+
+The 8-device runs happen in one subprocess (``_sharded_worker.py``), because the forced
+device count must be set before jax is imported and this process keeps its one device.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import tekfax
+
+TESTS = pathlib.Path(__file__).resolve().parent
+DEVICES = 8
+OPTIMIZERS = ("kfac", "ekfac", "tkfac", "tekfac")
+# float32: the sharded sums over the batch are reduced in another order than on one device.
+RTOL, ATOL = 2e-5, 1e-6
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(TESTS), **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharding") / "runs.npz"
+    env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
+    subprocess.run(
+        [sys.executable, str(TESTS / "_sharded_worker.py"), str(path)],
+        env=env,
+        check=True,
+        timeout=240,
+    )
+    with np.load(path) as data:
+        return dict(data)
+
+
+def _results(runs: dict, name: str, mode: str) -> dict[str, np.ndarray]:
+    prefix = f"{name}/{mode}/"
+    return {k[len(prefix) :]: v for k, v in runs.items() if k.startswith(prefix)}
+
+
+def _split(results: dict) -> tuple[dict, dict]:
+    values = {k: v for k, v in results.items() if not k.startswith("facts/")}
+    facts = {k[6:]: v.item() for k, v in results.items() if k.startswith("facts/")}
+    return values, facts
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_eight_devices_equal_one_device_on_the_global_batch(runs, name):
+    assert runs["devices"] == DEVICES
+    single, single_facts = _split(_results(runs, name, "single"))
+    sharded, facts = _split(_results(runs, name, "sharded"))
+    assert set(single) == set(sharded)
+    assert {k.split("/")[0] for k in single} == {"losses", "params", "factors", "approx", "damped"}
+    # Three steps: losses, params, factor moving averages and the damped blocks the
+    # preconditioner inverted (basis-independent) all match the one-device run.
+    chex.assert_trees_all_close(sharded, single, rtol=RTOL, atol=ATOL)
+    # ... and the run was really data parallel: the batch split 8 ways, the factors (and
+    # gradients) all-reduced across devices, the state replicated.
+    assert single_facts["all_reduces"] == 0 and single_facts["batch_shards"] == 1
+    assert facts["batch_shards"] == DEVICES and facts["all_reduces"] >= 2
+    assert facts["replicated"]
+    # No gather of the per-example activations: only the distributed eigh gathers.
+    assert facts["all_gathers"] == 0
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_distributed_eigendecomposition_equals_default(runs, name):
+    default, _ = _split(_results(runs, name, "sharded"))
+    spread, facts = _split(_results(runs, name, "eigen_mesh"))
+    chex.assert_trees_all_close(spread, default, rtol=RTOL, atol=ATOL)
+    assert facts["all_gathers"] > 0  # the eigendecompositions were spread and gathered
+
+
+def test_grouped_eigh_spread_over_devices_is_exact(runs):
+    single = _results(runs, "eigh", "single")
+    spread = _results(runs, "eigh", "eigen_mesh")
+    assert set(single) == set(spread) and len(single) == 2 * 15
+    # The same LAPACK eigh on the same matrices, on CPU: equal to the bit. A device whose
+    # share is finite must still take the jittered retry the non-finite factor triggers.
+    for key in single:
+        np.testing.assert_array_equal(spread[key], single[key], err_msg=key)
+    np.testing.assert_array_equal(single["bad/values"], np.zeros(4, np.float32))
+
+
+def test_one_device_mesh_is_a_no_op():
+    x = np.random.default_rng(0).standard_normal((4, 5, 5)).astype(np.float32)
+    mats = {i: m @ m.T for i, m in enumerate(x)}
+    mesh = tekfax.sharding.data_mesh(1)
+    spread = tekfax.eigenbasis.eigh_psd_grouped(mats, mesh)
+    chex.assert_trees_all_equal(spread, tekfax.eigenbasis.eigh_psd_grouped(mats))
+    hlo = jax.jit(lambda m: tekfax.eigenbasis.eigh_psd_grouped(m, mesh)).lower(mats).as_text()
+    assert "shard_map" not in hlo and "all_gather" not in hlo
+
+
+def test_sharding_errors(runs):
+    with pytest.raises(ValueError, match="devices_per_process must be an integer"):
+        tekfax.sharding.data_mesh(jax.local_device_count() + 1)
+    with pytest.raises(ValueError, match="eigen_axis 'model' is not an axis"):
+        tekfax.tekfac(0.1, damping=0.1, eigen_mesh=tekfax.sharding.data_mesh(), eigen_axis="model")
+    message = str(runs["indivisible_batch_error"])
+    assert "global batch (63 rows)" in message and f"the {DEVICES} devices" in message
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one_device(tmp_path):
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(TESTS / "_two_process_worker.py"),
+                f"localhost:{port}",
+                str(i),
+                str(tmp_path / f"process{i}.json"),
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    results = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]
+    assert [r["process_index"] for r in results] == [0, 1]
+    assert all(r["process_count"] == 2 and r["global_devices"] == 2 for r in results)
+    # Both processes hold the same replicated params after the step ...
+    assert results[0]["params"] == results[1]["params"]
+    # ... equal to one device's step on the same global batch.
+    sys.path.insert(0, str(TESTS))
+    import _two_process_worker as worker
+
+    expected = worker.reference()
+    chex.assert_trees_all_close(
+        {k: np.asarray(v) for k, v in results[0]["params"].items()},
+        expected,
+        rtol=RTOL,
+        atol=ATOL,
+    )
