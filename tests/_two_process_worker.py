@@ -27,9 +27,9 @@ def step(mesh=None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, 6)).astype(np.float32)
     y = rng.integers(0, 5, BATCH).astype(np.int32)
-    params = MODEL.init(jax.random.key(0), x)["params"]
+    params = jax.jit(MODEL.init)(jax.random.key(0), x)["params"]  # jitted: fewer compiles
     opt = tekfax.tekfac(0.1, damping=0.1, **INTERVALS)
-    opt_state, key = opt.init(params), jax.random.key(1)
+    opt_state, key = jax.jit(opt.init)(params), jax.random.key(1)
     if mesh is not None:
         params, opt_state, key = tekfax.sharding.replicate(mesh, (params, opt_state, key))
         x, y = tekfax.sharding.shard_batch(mesh, (x, y))
