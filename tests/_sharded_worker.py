@@ -11,6 +11,10 @@ degenerate null space whose eigenvectors rounding could rotate.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import pathlib
 import sys
 
 import jax
@@ -21,6 +25,7 @@ from models import ConvNet
 
 import tekfax
 from tekfax import eigenbasis, rescale
+from tekfax.experiments import compare
 
 OPTIMIZERS = ("kfac", "ekfac", "tkfac", "tekfac")
 # The refresh is one code path for all four; these two cover the bases of A, G and of S.
@@ -104,6 +109,31 @@ def grouped_eigh(mesh) -> dict[str, np.ndarray]:
     return out
 
 
+def compare_cli(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    """``tekfax-compare --devices 8`` and ``--devices 1``: per-epoch records of each, and the
+    usage error for a batch that does not split over the devices."""
+    out = {}
+    flags = ["--model", "mlp", "--optimizers", "tekfac", "--epochs", "1", "--batch-size", "256"]
+    flags += ["--no-progress"]
+    for devices in (1, jax.device_count()):
+        target = folder / f"devices{devices}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert compare.main([*flags, "--devices", str(devices), "--output", str(target)]) == 0
+        results = json.loads((target / "results.json").read_text())
+        record = results["runs"][0]["records"][0]
+        out[f"cli/{devices}/devices"] = np.asarray(results["config"]["devices"])
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            out[f"cli/{devices}/{key}"] = np.asarray(record[key])
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            compare.main([*flags, "--batch-size", "60", "--output", str(folder / "bad")])
+        except SystemExit as exit_:
+            out["cli/bad_batch_status"] = np.asarray(exit_.code)
+    out["cli/bad_batch_error"] = np.asarray(stderr.getvalue())
+    return out
+
+
 def main(path: str) -> None:
     # Small chunks, so the per-example S of the convolution (57 elements per example) scans
     # over 8 chunks of the sharded batch axis.
@@ -132,6 +162,7 @@ def main(path: str) -> None:
                 out[f"{name}/{mode}/{key}"] = value
             for fact, value in facts.items():
                 out[f"{name}/{mode}/facts/{fact}"] = np.asarray(value)
+    out.update(compare_cli(pathlib.Path(path).parent))
     try:
         tekfax.sharding.shard_batch(mesh, np.zeros((63, 2)))
     except ValueError as err:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import tekfax
+from tekfax.experiments import compare
 
 TESTS = pathlib.Path(__file__).resolve().parent
 DEVICES = 8
@@ -111,6 +112,28 @@ def test_sharding_errors(runs):
         tekfax.tekfac(0.1, damping=0.1, eigen_mesh=tekfax.sharding.data_mesh(), eigen_axis="model")
     message = str(runs["indivisible_batch_error"])
     assert "global batch (63 rows)" in message and f"the {DEVICES} devices" in message
+
+
+def test_compare_cli_on_eight_devices_matches_one(runs):
+    one = _results(runs, "cli", "1")
+    eight = _results(runs, "cli", str(DEVICES))
+    assert one.pop("devices") == 1 and eight.pop("devices") == DEVICES
+    # One epoch of tekfac on digits (5 steps of batch 256) and the test-set evaluation
+    # (chunks padded to a multiple of 8 and sharded): the same run on 8 devices.
+    chex.assert_trees_all_close(eight, one, rtol=1e-3)
+    assert runs["cli/bad_batch_status"] == 2
+    assert "--batch-size 60 must be a multiple of the 8 devices" in str(runs["cli/bad_batch_error"])
+
+
+def test_compare_cli_rejects_bad_device_flags(capsys):
+    for flags, message in (
+        (["--devices", "2"], "--devices must be in [1, 1]"),
+        (["--num-processes", "2"], "--num-processes and --process-id need --coordinator"),
+        (["--coordinator", "localhost:1", "--num-processes", "2"], "needs --num-processes and"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            compare.main(flags)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def _free_port() -> int:
