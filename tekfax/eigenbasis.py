@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Hashable, Mapping
 
 import jax
@@ -80,9 +79,12 @@ def _eigh_all_sharded(
 ) -> list[tuple[jax.Array, jax.Array]]:
     """:func:`_eigh_all` with each stack's matrices split over the devices of ``axis_name``.
 
-    Each stack is padded with identities to a multiple of the axis size; every device
-    decomposes its slice (per matrix on CPU, as :func:`_eigh`) and an all-gather returns the
-    results replicated. Per-device cost: sum over stacks of ceil(B / devices) eighs.
+    Each stack of B matrices is padded with identities to a multiple of the axis size;
+    every device decomposes its slice (per matrix on CPU, as :func:`_eigh`), and the
+    results come back replicated. Per-device cost: sum over stacks of ceil(B / devices)
+    eighs. Return traffic: an all-gather of the padded stack when padding is less than half
+    of it, else a psum of the B real results, each device adding its own into zeros (exact),
+    so a stack smaller than the device count costs B d^2, not devices * d^2.
     """
     ways = mesh.shape[axis_name]
     padded = []
@@ -91,19 +93,29 @@ def _eigh_all_sharded(
         eye = jnp.eye(stack.shape[-1], dtype=stack.dtype)
         padded.append(jnp.concatenate([stack, jnp.broadcast_to(eye, (pad,) + stack.shape[1:])]))
 
-    def local(*shares):
-        gather = functools.partial(lax.all_gather, axis_name=axis_name, tiled=True)
-        return [(gather(v), gather(q)) for v, q in _eigh_all(list(shares), axis_name)]
+    def collect(share: jax.Array, count: int) -> jax.Array:
+        if share.shape[0] * ways < 2 * count:
+            return lax.all_gather(share, axis_name, tiled=True)[:count]
+        mine = jnp.zeros((share.shape[0] * ways,) + share.shape[1:], share.dtype)
+        start = lax.axis_index(axis_name) * share.shape[0]
+        mine = lax.dynamic_update_slice_in_dim(mine, share, start, axis=0)
+        return lax.psum(mine[:count], axis_name)
 
-    # check_vma=False: the all-gathered results are replicated, which vma cannot infer.
-    out = jax.shard_map(
+    def local(*shares):
+        decomposed = _eigh_all(list(shares), axis_name)
+        return [
+            (collect(v, s.shape[0]), collect(q, s.shape[0]))
+            for (v, q), s in zip(decomposed, stacks, strict=True)
+        ]
+
+    # check_vma=False: the gathered or summed results are replicated, which vma cannot infer.
+    return jax.shard_map(
         local,
         mesh=mesh,
         in_specs=PartitionSpec(axis_name),
         out_specs=PartitionSpec(),
         check_vma=False,
     )(*padded)
-    return [(v[: s.shape[0]], q[: s.shape[0]]) for (v, q), s in zip(out, stacks, strict=True)]
 
 
 def eigh_psd(matrices: jax.Array) -> tuple[jax.Array, jax.Array]:
