@@ -4,11 +4,11 @@ Pipeline, one module per stage: ``tagging`` (Flax interceptor) -> ``capture``
 (``loss_and_curvature``) -> ``patches`` (layer matrices) -> ``curvature`` (factor estimates)
 -> ``eigenbasis`` -> ``rescale`` (EKFAC/TEKFAC S) -> ``damping`` -> ``precondition``;
 ``kronecker`` wires the stages into ``scale_by_kronecker``, ``alias`` holds the presets,
-``eadam`` the EAdam optimizer, ``guard`` the non-finite step guard and ``diagnostics`` the
-dense Fisher blocks.
+``eadam`` the EAdam optimizer, ``guard`` the non-finite step guard, ``diagnostics`` the
+dense Fisher blocks and ``sharding`` the data-parallel helpers (mesh, batch sharding).
 """
 
-from tekfax import diagnostics
+from tekfax import diagnostics, sharding
 from tekfax.alias import (
     ekfac,
     kfac,
@@ -56,6 +56,7 @@ __all__ = [
     "skipped_steps",
     "state_from_bytes",
     "state_to_bytes",
+    "sharding",
     "stats_needed",
     "tag_layers",
     "tekfac",

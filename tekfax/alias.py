@@ -23,6 +23,9 @@ _SHARED_DOC = """
         The defaults were chosen from scripts/bench.py (README, "Performance").
       conv_rescale: ``"per_example"`` or ``"per_location"`` (EKFAC/TEKFAC convolutions).
       norm_constraint: kappa of the KL clip, or None.
+      eigen_mesh: None, or a ``jax.sharding.Mesh`` over which each eigenbasis refresh is
+        spread (every device decomposes a share of the factors; results all-gathered).
+      eigen_axis: the axis of ``eigen_mesh`` to spread over ("data").
 """
 
 _PI_DOC = "      pi_adjusted: split sqrt(lambda) between A and G by pi (False).\n"
@@ -71,6 +74,8 @@ def _make_preset(name: str):
         norm_constraint: float | None = None,
         learning_rate: optax.ScalarOrSchedule | None = None,
         pi_adjusted: bool = False,
+        eigen_mesh: jax.sharding.Mesh | None = None,
+        eigen_axis: str = "data",
     ) -> optax.GradientTransformationExtraArgs:
         return scale_by_kronecker(
             estimator=estimator,
@@ -86,6 +91,8 @@ def _make_preset(name: str):
             norm_constraint=norm_constraint,
             learning_rate=learning_rate,
             pi_adjusted=pi_adjusted,
+            eigen_mesh=eigen_mesh,
+            eigen_axis=eigen_axis,
         )
 
     scale_by.__name__ = scale_by.__qualname__ = f"scale_by_{name}"
@@ -116,6 +123,8 @@ def _make_preset(name: str):
         conv_rescale: str = "per_example",
         norm_constraint: float | None = None,
         pi_adjusted: bool = False,
+        eigen_mesh: jax.sharding.Mesh | None = None,
+        eigen_axis: str = "data",
     ) -> optax.GradientTransformationExtraArgs:
         check_learning_rate("learning_rate", learning_rate)
         check_number("momentum", momentum, 0.0, 1.0, allow_none=False)
@@ -132,6 +141,8 @@ def _make_preset(name: str):
                 norm_constraint=norm_constraint,
                 learning_rate=learning_rate,
                 pi_adjusted=pi_adjusted,
+                eigen_mesh=eigen_mesh,
+                eigen_axis=eigen_axis,
             ),
             optax.trace(decay=momentum),
             optax.scale_by_learning_rate(learning_rate),

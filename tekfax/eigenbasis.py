@@ -7,6 +7,7 @@ from collections.abc import Hashable, Mapping
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 
 # Relative jitter added to the diagonal when eigh fails to converge (returns NaN).
 _JITTER = 1e-6
@@ -53,19 +54,68 @@ def _jittered_eigh(sym: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(ok[..., None], values, 0.0), jnp.where(ok[..., None, None], vectors, eye)
 
 
-def _eigh_all(stacks: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+def _eigh_all(
+    stacks: list[jax.Array], axis_name: str | None = None
+) -> list[tuple[jax.Array, jax.Array]]:
     """Symmetrised, clipped eigh of every stack, with one retry ``lax.cond`` for them all.
 
     A single cond matters: on XLA:CPU, many conditionals each holding a LAPACK eigh in one
-    program were seen to deadlock the thread pool.
+    program were seen to deadlock the thread pool. Inside ``shard_map`` (``axis_name``
+    given) the retry is decided over all devices, so it matches the undistributed one.
     """
     syms = [_symmetrise(m) for m in stacks]
     first = [_eigh(s) for s in syms]
     all_finite = jnp.all(jnp.stack([jnp.all(_finite(v, q)) for v, q in first]))
+    if axis_name is not None:
+        all_finite = lax.pmin(all_finite.astype(jnp.int32), axis_name) > 0
     decomposed = lax.cond(
         all_finite, lambda _: first, lambda _: [_jittered_eigh(s) for s in syms], operand=None
     )
     return [(jnp.maximum(v, 0.0), q) for v, q in decomposed]
+
+
+def _eigh_all_sharded(
+    stacks: list[jax.Array], mesh: Mesh, axis_name: str
+) -> list[tuple[jax.Array, jax.Array]]:
+    """:func:`_eigh_all` with each stack's matrices split over the devices of ``axis_name``.
+
+    Each stack of B matrices is padded with identities to a multiple of the axis size;
+    every device decomposes its slice (per matrix on CPU, as :func:`_eigh`), and the
+    results come back replicated. Per-device cost: sum over stacks of ceil(B / devices)
+    eighs. Return traffic: an all-gather of the padded stack when padding is less than half
+    of it, else a psum of the B real results, each device adding its own into zeros (exact),
+    so a stack smaller than the device count costs B d^2, not devices * d^2.
+    """
+    ways = mesh.shape[axis_name]
+    padded = []
+    for stack in stacks:
+        pad = -stack.shape[0] % ways
+        eye = jnp.eye(stack.shape[-1], dtype=stack.dtype)
+        padded.append(jnp.concatenate([stack, jnp.broadcast_to(eye, (pad,) + stack.shape[1:])]))
+
+    def collect(share: jax.Array, count: int) -> jax.Array:
+        if share.shape[0] * ways < 2 * count:
+            return lax.all_gather(share, axis_name, tiled=True)[:count]
+        mine = jnp.zeros((share.shape[0] * ways,) + share.shape[1:], share.dtype)
+        start = lax.axis_index(axis_name) * share.shape[0]
+        mine = lax.dynamic_update_slice_in_dim(mine, share, start, axis=0)
+        return lax.psum(mine[:count], axis_name)
+
+    def local(*shares):
+        decomposed = _eigh_all(list(shares), axis_name)
+        return [
+            (collect(v, s.shape[0]), collect(q, s.shape[0]))
+            for (v, q), s in zip(decomposed, stacks, strict=True)
+        ]
+
+    # check_vma=False: the gathered or summed results are replicated, which vma cannot infer.
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=PartitionSpec(axis_name),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )(*padded)
 
 
 def eigh_psd(matrices: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -84,18 +134,27 @@ def eigh_psd(matrices: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def eigh_psd_grouped(
     matrices: Mapping[Hashable, jax.Array],
+    mesh: Mesh | None = None,
+    axis_name: str = "data",
 ) -> dict[Hashable, tuple[jax.Array, jax.Array]]:
     """:func:`eigh_psd` of many factors, batching those of equal shape and dtype.
 
     ResNets hold many same-shaped factors; one batched ``eigh`` call per shape is cheaper
-    than one call per factor, on every backend.
+    than one call per factor, on every backend. With a ``mesh`` whose axis ``axis_name``
+    has more than one device, each device decomposes a share of every same-shaped stack
+    and the results are all-gathered (KAISA's distributed inversion); the results equal
+    the undistributed ones, and a one-device axis takes the undistributed path.
     """
     groups: dict[tuple, list[Hashable]] = {}
     for key, m in matrices.items():
         groups.setdefault((m.shape, m.dtype), []).append(key)
     stacks = [jnp.stack([matrices[k] for k in keys]) for keys in groups.values()]
+    if mesh is not None and mesh.shape[axis_name] > 1:
+        decomposed = _eigh_all_sharded(stacks, mesh, axis_name)
+    else:
+        decomposed = _eigh_all(stacks)
     out = {}
-    for keys, (values, vectors) in zip(groups.values(), _eigh_all(stacks), strict=True):
+    for keys, (values, vectors) in zip(groups.values(), decomposed, strict=True):
         for i, key in enumerate(keys):
             out[key] = (values[i], vectors[i])
     return out

@@ -215,6 +215,8 @@ def scale_by_kronecker(
     conv_rescale: str = "per_example",
     norm_constraint: float | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
+    eigen_mesh: jax.sharding.Mesh | None = None,
+    eigen_axis: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored natural-gradient preconditioner P(grad) (ALGORITHMS.md s. 2-5).
 
@@ -240,6 +242,12 @@ def scale_by_kronecker(
       norm_constraint: kappa of the KL clip, or None.
       learning_rate: alpha, used only by ``norm_constraint`` (a schedule is evaluated at
         the step count); None means 1.
+      eigen_mesh: None (default) decomposes every factor on every device. A
+        ``jax.sharding.Mesh`` spreads each refresh's eigendecompositions over the devices of
+        its axis ``eigen_axis``: each device decomposes a share of the same-shaped factors
+        and the results are all-gathered, so the per-device refresh cost falls as devices
+        are added (KAISA). Same results as None; a one-device axis is a no-op.
+      eigen_axis: the mesh axis ``eigen_mesh`` spreads the work over (the data axis).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``stats=``.
@@ -275,6 +283,11 @@ def scale_by_kronecker(
     ):
         check_interval(name, value)
     check_learning_rate("learning_rate", learning_rate, allow_none=True)
+    if eigen_mesh is not None and eigen_axis not in eigen_mesh.axis_names:
+        raise ValueError(
+            f"tekfax: eigen_axis {eigen_axis!r} is not an axis of eigen_mesh "
+            f"{tuple(eigen_mesh.axis_names)}."
+        )
     tkfac = estimator == "tkfac"
 
     def init_fn(params: Any) -> ScaleByKroneckerState:
@@ -361,7 +374,7 @@ def scale_by_kronecker(
                 # w is 0 only while no batch was accepted, and then the factors are 0 too.
                 w = jnp.where(weight > 0, weight, 1.0).astype(f_in.dtype)
                 estimates[k, "in"], estimates[k, "out"] = f_in / w, f_out / w
-            decomposed = eigenbasis.eigh_psd_grouped(estimates)
+            decomposed = eigenbasis.eigh_psd_grouped(estimates, eigen_mesh, eigen_axis)
             out = {}
             for k in factors:
                 (eig_in, q_in), (eig_out, q_out) = decomposed[k, "in"], decomposed[k, "out"]

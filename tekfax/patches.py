@@ -87,6 +87,11 @@ def output_matrix(out_grads: jax.Array) -> jax.Array:
 CHUNK_ELEMENTS = 1 << 22
 
 
+def count_chunks(n: int, per_example: int) -> int:
+    """Chunks :func:`sum_over_examples` splits n examples into (scan iterations)."""
+    return -(-n // max(1, min(n, CHUNK_ELEMENTS // max(per_example, 1))))
+
+
 def sum_over_examples(
     fn: Callable[[jax.Array, jax.Array], Any],
     inputs: jax.Array,
@@ -105,17 +110,18 @@ def sum_over_examples(
     combined with weights chunk / N. One chunk calls ``fn`` directly.
     """
     n = inputs.shape[0]
-    chunk = max(1, min(n, CHUNK_ELEMENTS // max(per_example, 1)))
-    num_chunks = -(-n // chunk)
+    num_chunks = count_chunks(n, per_example)
     if num_chunks == 1:
         return fn(input_matrix(inputs, meta).astype(dtype), output_matrix(out_grads).astype(dtype))
     chunk = -(-n // num_chunks)  # balanced chunks, at most num_chunks - 1 padding examples
     pad = num_chunks * chunk - n
+    # Chunk k holds examples k, k + num_chunks, ...: the batch axis stays the within-chunk
+    # axis, so a batch sharded over devices stays sharded inside the scan (no gather).
     x = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1))
-    x = x.reshape((num_chunks, chunk) + inputs.shape[1:])
+    x = jnp.moveaxis(x.reshape((chunk, num_chunks) + inputs.shape[1:]), 1, 0)
     g = jnp.pad(out_grads, [(0, 0), (0, pad)] + [(0, 0)] * (out_grads.ndim - 2))
-    g = jnp.moveaxis(g.reshape((g.shape[0], num_chunks, chunk) + g.shape[2:]), 1, 0)
-    real = (jnp.arange(num_chunks * chunk) < n).reshape(num_chunks, chunk).astype(dtype)
+    g = jnp.moveaxis(g.reshape((g.shape[0], chunk, num_chunks) + g.shape[2:]), 2, 0)
+    real = (jnp.arange(num_chunks * chunk) < n).reshape(chunk, num_chunks).T.astype(dtype)
 
     def matrices(x_c, g_c, real_c):
         a = input_matrix(x_c, meta).astype(dtype) * real_c[:, None, None]

@@ -9,6 +9,10 @@ grid results), ``results.csv`` (one row per run-epoch), ``curves_epoch.png`` and
     tekfax-compare                                  # all 8 optimizers, digits, small CNN
     tekfax-compare --optimizers sgdm kfac --lr kfac=0.03 --damping 0.3 --epochs 5
     tekfax-compare --model resnet20 --dataset cifar10 --data-dir ~/tfds --lr-decay-every 40
+
+Training is data parallel over ``--devices`` devices (default: every local device) and, with
+``--coordinator``, over several processes (``jax.distributed.initialize``); process 0 writes
+the outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
+from tekfax import sharding
 from tekfax.experiments import optimizers, report
 from tekfax.experiments.data import DATASETS, DatasetNotPreparedError, load_dataset, train_val_split
 from tekfax.experiments.models import MODELS, model_loss
@@ -32,6 +39,8 @@ DEFAULT_TARGET = 0.95
 # config keys that may change when resuming (everything else must match the first start)
 _RESUMABLE = {"epochs", "grid_epochs", "resume", "progress", "argv", "output"}
 _RESUMABLE |= {"target_accuracy", "target_loss"}
+# the hardware may change on resume: results then agree to float rounding, not bit for bit
+_RESUMABLE |= {"devices", "processes", "coordinator", "num_processes", "process_id"}
 
 
 _FLAG_HELP = {
@@ -101,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", help="output folder (default: runs/compare-<timestamp>)")
     add("--resume", action="store_true", help="continue the runs checkpointed in --output")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parallel = parser.add_argument_group(
+        "devices and processes (data parallel: the batch is split over every device)"
+    )
+    parallel.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="devices per process (default: all local devices); --batch-size must be a "
+        "multiple of the total device count",
+    )
+    parallel.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="join a multi-process run: jax.distributed.initialize with this coordinator "
+        "(process 0's address); needs --num-processes, --process-id and --output",
+    )
+    parallel.add_argument("--num-processes", type=int, metavar="P", help="processes in the run")
+    parallel.add_argument("--process-id", type=int, metavar="I", help="this process, 0..P-1")
     group = parser.add_argument_group("hyperparameters (value or name=value pairs)")
     for flag, (key, _) in optimizers.FLAGS.items():
         group.add_argument(f"--{flag}", nargs="+", metavar="V", help=_flag_help(key))
@@ -151,6 +178,34 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         parser.error("--resume needs --output, the folder of the interrupted comparison")
 
 
+def _data_mesh(args: argparse.Namespace, parser: argparse.ArgumentParser) -> jax.sharding.Mesh:
+    """Joins the multi-process run if asked, then the mesh of --devices per process."""
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            parser.error("--coordinator needs --num-processes and --process-id")
+        if not 0 <= args.process_id < args.num_processes:
+            parser.error("--process-id must be in [0, --num-processes)")
+        if not args.output:
+            parser.error("a multi-process run needs --output, a folder every process can read")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.num_processes is not None or args.process_id is not None:
+        parser.error("--num-processes and --process-id need --coordinator")
+    local = jax.local_device_count()
+    per_process = local if args.devices is None else args.devices
+    if not 1 <= per_process <= local:
+        parser.error(
+            f"--devices must be in [1, {local}]: this process has {local} "
+            f"{jax.default_backend()} device(s)"
+        )
+    total = per_process * jax.process_count()
+    if args.batch_size % total:
+        parser.error(
+            f"--batch-size {args.batch_size} must be a multiple of the {total} devices "
+            f"({per_process} per process x {jax.process_count()} process(es))"
+        )
+    return sharding.data_mesh(per_process)
+
+
 def _grid_overrides(name: str, args: argparse.Namespace) -> dict[str, list[float] | None]:
     values = {}
     for flag in ("lr", "damping", "nu"):
@@ -190,7 +245,7 @@ def _select(candidates: list[dict], classification: bool) -> int:
     return best
 
 
-def _grid_search(args, names, hparams, dataset, out: pathlib.Path, classification) -> dict:
+def _grid_search(args, names, hparams, dataset, out: pathlib.Path, classification, mesh) -> dict:
     fit, _ = train_val_split(dataset, args.grid_fraction, seed=args.seed)
     epochs = args.grid_epochs or args.epochs
     results: dict[str, Any] = {
@@ -220,6 +275,7 @@ def _grid_search(args, names, hparams, dataset, out: pathlib.Path, classificatio
                 resume=args.resume,
                 label=f"grid {name} [{shown}]",
                 progress=args.progress,
+                mesh=mesh,
             )
             entry = _run_entry(result, "grid")
             final = result.records[-1] if result.records else {}
@@ -262,7 +318,9 @@ def _prepare_output(args: argparse.Namespace, config: dict, parser) -> pathlib.P
     return out
 
 
-def _final_runs(args, names, hparams, dataset, out: pathlib.Path, payload: dict) -> list[dict]:
+def _final_runs(
+    args, names, hparams, dataset, out: pathlib.Path, payload: dict, mesh
+) -> list[dict]:
     runs = payload["runs"]
     for name in names:
         for seed in range(args.seed, args.seed + args.seeds):
@@ -281,9 +339,11 @@ def _final_runs(args, names, hparams, dataset, out: pathlib.Path, payload: dict)
                 checkpoint_path=out / "checkpoints" / f"{name}-seed{seed}.msgpack",
                 resume=args.resume,
                 progress=args.progress,
+                mesh=mesh,
             )
             runs.append(_run_entry(result, "final"))
-            report.write_json(out / "results.json", payload)  # partial results so far
+            if jax.process_index() == 0:
+                report.write_json(out / "results.json", payload)  # partial results so far
     return runs
 
 
@@ -324,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(args, parser)
+    mesh = _data_mesh(args, parser)
+    primary = jax.process_index() == 0
+    args.progress = args.progress and primary
     names = _optimizer_names(args.optimizers, parser)
     overrides = {flag: getattr(args, flag.replace("-", "_")) for flag in optimizers.FLAGS}
     try:
@@ -336,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = dict(vars(args))
     config.update(optimizers=names, argv=list(sys.argv[1:] if argv is None else argv))
     config["hyperparameters"] = {name: dict(hparams[name]) for name in names}
+    config.update(devices=mesh.size, processes=jax.process_count())
     try:
         dataset = load_dataset(args.dataset, args.data_dir)
     except (DatasetNotPreparedError, ImportError) as err:
@@ -346,14 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    out = _prepare_output(args, config, parser)
+    out = _prepare_output(args, config, parser) if primary else pathlib.Path(args.output)
     classification = model_loss(args.model) == "softmax_cross_entropy"
-    print(
-        f"tekfax-compare: {args.dataset} ({len(dataset.x_train)} train / {len(dataset.x_test)} "
-        f"test) / {args.model}, optimizers {' '.join(names)}, {args.epochs} epochs x "
-        f"{args.seeds} seed(s) -> {out}",
-        file=sys.stderr,
-    )
+    if primary:
+        print(
+            f"tekfax-compare: {args.dataset} ({len(dataset.x_train)} train / "
+            f"{len(dataset.x_test)} test) / {args.model}, optimizers {' '.join(names)}, "
+            f"{args.epochs} epochs x {args.seeds} seed(s) on {mesh.size} device(s) -> {out}",
+            file=sys.stderr,
+        )
     started = time.perf_counter()
     payload = {
         "schema_version": 1,
@@ -374,9 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if args.grid:
-            payload["grid"] = _grid_search(args, names, hparams, dataset, out, classification)
+            payload["grid"] = _grid_search(args, names, hparams, dataset, out, classification, mesh)
             config["selected_hyperparameters"] = {name: dict(hparams[name]) for name in names}
-        _final_runs(args, names, hparams, dataset, out, payload)
+        _final_runs(args, names, hparams, dataset, out, payload, mesh)
     except ResumeError as err:
         print(f"tekfax-compare: error: {err}", file=sys.stderr)
         return 2
@@ -387,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     payload["wall_seconds"] = time.perf_counter() - started
+    if not primary:
+        return 0
     table = _write_outputs(args, names, payload, out, classification)
     print(table)
     print(f"wrote {out}/: results.json, results.csv, table.md, {', '.join(report.PLOTS)}")

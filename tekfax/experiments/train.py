@@ -9,6 +9,12 @@ that consume them, ``compute_stats=tekfax.stats_needed(opt_state)``) for the Kro
 optimizers and ``jax.value_and_grad`` for the first-order ones. Numeric hyperparameters are
 step arguments, so runs that differ only in them share one compilation (cached per process).
 
+Data parallelism: with a ``mesh`` (:func:`tekfax.sharding.data_mesh`), every batch is
+sharded over its ``data`` axis and params and optimizer state are replicated; under
+``jax.jit`` the statistics stay global-batch statistics, so the run matches one device's up
+to float rounding. With several processes (``jax.distributed.initialize``) every process
+runs ``train`` on the same data and process 0 writes the checkpoints.
+
 Determinism: epoch ``e`` shuffles with ``np.random.default_rng((seed, e))`` and step ``t``
 samples the Fisher's labels with ``jax.random.fold_in(key, t)``, so a run resumed from its
 checkpoint ends bit-for-bit where the uninterrupted run ends.
@@ -30,7 +36,7 @@ import numpy as np
 import optax
 
 import tekfax
-from tekfax import losses
+from tekfax import losses, sharding
 from tekfax.experiments import checkpoint, optimizers
 from tekfax.experiments.data import Dataset, iterate_batches
 from tekfax.experiments.models import create_model, init_variables, model_loss
@@ -110,7 +116,7 @@ def _correct(loss: str, logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.sum(jnp.argmax(logits, -1) == targets).astype(jnp.int32)
 
 
-def _make_step(model, loss: str, name: str, static: dict, boundaries: dict) -> Callable:
+def _make_step(model, loss: str, name: str, static: dict, boundaries: dict, mesh=None) -> Callable:
     def step(params, batch_stats, opt_state, numeric, x, y, key, index):
         opt = _guarded(name, numeric, static, boundaries)
 
@@ -147,7 +153,7 @@ def _make_step(model, loss: str, name: str, static: dict, boundaries: dict) -> C
             updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_stats, opt_state, value, correct
 
-    return jax.jit(step)
+    return jax.jit(step, out_shardings=None if mesh is None else sharding.replicated(mesh))
 
 
 def _make_eval(model, loss: str) -> Callable:
@@ -169,11 +175,15 @@ def targets_for(loss: str, dataset: Dataset, x: np.ndarray, y: np.ndarray) -> np
 
 
 def evaluate(
-    fn: Callable, params: Any, batch_stats: Any, dataset: Dataset, loss: str
+    fn: Callable, params: Any, batch_stats: Any, dataset: Dataset, loss: str, mesh=None
 ) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None unless classification) on the test split, in chunks."""
+    """Mean loss and accuracy (None unless classification) on the test split, in chunks.
+
+    With a ``mesh`` each chunk (padded to a multiple of the device count) is sharded.
+    """
     x, y = dataset.x_test, targets_for(loss, dataset, dataset.x_test, dataset.y_test)
-    chunk = min(EVAL_CHUNK, len(x))
+    ways = 1 if mesh is None else mesh.size
+    chunk = -(-min(EVAL_CHUNK, len(x)) // ways) * ways
     total_loss, total_correct = 0.0, 0.0
     for start in range(0, len(x), chunk):
         xb, yb = x[start : start + chunk], y[start : start + chunk]
@@ -183,15 +193,27 @@ def evaluate(
             mask[len(xb) :] = 0.0
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
+        if mesh is not None:
+            xb, yb, mask = sharding.shard_batch(mesh, (xb, yb, mask))
         batch_loss, batch_correct = fn(params, batch_stats, xb, yb, mask)
-        total_loss += float(batch_loss)
-        total_correct += float(batch_correct)
+        total_loss += float(sharding.to_host(batch_loss))
+        total_correct += float(sharding.to_host(batch_correct))
     accuracy = total_correct / len(x) if loss == "softmax_cross_entropy" else None
     return total_loss / len(x), accuracy
 
 
 def _numeric_args(numeric: Mapping[str, float]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32) for k, v in sorted(numeric.items())}
+
+
+def _skipped(opt_state: Any) -> int:
+    """The guard's count of skipped steps, read on the host (also across processes)."""
+    return int(sharding.to_host(tekfax.skipped_steps(opt_state)))
+
+
+def _fetch(values: list) -> np.ndarray:
+    """Step outputs to the host; replicated arrays spanning processes are read locally."""
+    return np.asarray([sharding.to_host(v) for v in values])
 
 
 def train(
@@ -203,6 +225,7 @@ def train(
     label: str | None = None,
     progress: bool = True,
     stream: TextIO | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> RunResult:
     """Trains one run, evaluating and checkpointing after every epoch.
 
@@ -213,7 +236,15 @@ def train(
       checkpoint_path: where to write the checkpoint after each epoch (None: no checkpoint).
       resume: continue from ``checkpoint_path`` if it exists (it must be the same run).
       label: progress-bar prefix. progress: show the bar. stream: its stream (stderr).
+      mesh: train data-parallel over this one-axis mesh (``config.batch_size`` must be a
+        multiple of its size); None (or one device) trains on the default device.
     """
+    if mesh is not None and mesh.size == 1 and jax.process_count() == 1:
+        mesh = None
+    if mesh is not None and config.batch_size % mesh.size:
+        raise ValueError(
+            f"batch size {config.batch_size} is not a multiple of the {mesh.size} devices."
+        )
     label = label or f"{config.optimizer} seed {config.seed}"
     loss = model_loss(config.model)
     input_shape = dataset.input_shape
@@ -259,26 +290,32 @@ def train(
         records, start_epoch, step = payload["records"], payload["epoch"], payload["step"]
         diverged = bool(payload["extra"].get("diverged", False))
     resumed_from = start_epoch
+    host_state = (params, batch_stats, opt_state)
+    if mesh is not None:
+        params, batch_stats, opt_state = sharding.replicate(mesh, host_state)
+    step_key_array = train_key if mesh is None else sharding.replicate(mesh, train_key)
 
     cache_key = (config.model, dataset.num_classes, input_shape, loss, config.optimizer)
     step_key = (*cache_key, config.batch_size, tuple(sorted(static.items())))
-    step_key += (tuple(sorted(boundaries.items())),)
+    step_key += (tuple(sorted(boundaries.items())), mesh)
     args = _numeric_args(numeric)
     compile_seconds = 0.0
     pending = start_epoch < config.epochs and not diverged
     if pending and (step_key not in _STEPS or cache_key[:4] not in _EVALS):
         tic = time.perf_counter()
         train_step = _STEPS.setdefault(
-            step_key, _make_step(model, loss, config.optimizer, static, boundaries)
+            step_key, _make_step(model, loss, config.optimizer, static, boundaries, mesh)
         )
         eval_fn = _EVALS.setdefault(cache_key[:4], _make_eval(model, loss))
         # a real batch: all-zero inputs make degenerate factors whose eigh is slow
         x0 = dataset.x_train[: config.batch_size]
         y0 = targets_for(loss, dataset, x0, dataset.y_train[: config.batch_size])
+        if mesh is not None:
+            x0, y0 = sharding.shard_batch(mesh, (x0, y0))
         jax.block_until_ready(
-            train_step(params, batch_stats, opt_state, args, x0, y0, train_key, np.int32(0))
+            train_step(params, batch_stats, opt_state, args, x0, y0, step_key_array, np.int32(0))
         )
-        evaluate(eval_fn, params, batch_stats, dataset, loss)
+        evaluate(eval_fn, params, batch_stats, dataset, loss, mesh)
         compile_seconds = time.perf_counter() - tic
     train_step, eval_fn = _STEPS.get(step_key), _EVALS.get(cache_key[:4])
 
@@ -296,43 +333,37 @@ def train(
             dataset.x_train, dataset.y_train, config.batch_size, rng, dataset.augment
         )
         for i, (xb, yb) in enumerate(batches):
+            yb = targets_for(loss, dataset, xb, yb)
+            if mesh is not None:
+                xb, yb = sharding.shard_batch(mesh, (xb, yb))
             params, batch_stats, opt_state, value, correct = train_step(
-                params,
-                batch_stats,
-                opt_state,
-                args,
-                xb,
-                targets_for(loss, dataset, xb, yb),
-                train_key,
-                np.int32(step),
+                params, batch_stats, opt_state, args, xb, yb, step_key_array, np.int32(step)
             )
             step += 1
             batch_losses.append(value)
             batch_correct.append(correct)
             if bar.due():
-                loss_sum += float(np.sum(jax.device_get(batch_losses[fetched:])))
-                correct_sum += float(np.sum(jax.device_get(batch_correct[fetched:])))
+                loss_sum += float(np.sum(_fetch(batch_losses[fetched:])))
+                correct_sum += float(np.sum(_fetch(batch_correct[fetched:])))
                 fetched = i + 1
                 seen = fetched * config.batch_size
                 accuracy = correct_sum / seen if loss == "softmax_cross_entropy" else None
                 rate = seen / (time.perf_counter() - tic)
-                skipped = int(tekfax.skipped_steps(opt_state))
+                skipped = _skipped(opt_state)
                 bar.update(fetched, loss_sum / fetched, accuracy, rate, skipped)
         jax.block_until_ready(params)
         epoch_seconds = time.perf_counter() - tic
         # Skipped (non-finite) batches are left out; an epoch with no finite batch diverged.
-        epoch_losses = np.asarray(jax.device_get(batch_losses), np.float64)
+        epoch_losses = np.asarray(_fetch(batch_losses), np.float64)
         finite = np.isfinite(epoch_losses)
         train_loss = float(np.mean(epoch_losses[finite])) if finite.any() else math.nan
-        skipped = int(tekfax.skipped_steps(opt_state))
+        skipped = _skipped(opt_state)
         seen = len(batch_losses) * config.batch_size
         train_accuracy = (
-            float(np.sum(jax.device_get(batch_correct))) / seen
-            if loss == "softmax_cross_entropy"
-            else None
+            float(np.sum(_fetch(batch_correct))) / seen if loss == "softmax_cross_entropy" else None
         )
         tic = time.perf_counter()
-        test_loss, test_accuracy = evaluate(eval_fn, params, batch_stats, dataset, loss)
+        test_loss, test_accuracy = evaluate(eval_fn, params, batch_stats, dataset, loss, mesh)
         eval_seconds = time.perf_counter() - tic
         cumulative += epoch_seconds
         diverged = not math.isfinite(train_loss)
@@ -364,12 +395,16 @@ def train(
             test_text + (" (diverged)" if diverged else ""),
             skipped,
         )
-        if checkpoint_path is not None:
+        if mesh is not None:
+            host_state = jax.tree_util.tree_map(sharding.to_host, (params, batch_stats, opt_state))
+        else:
+            host_state = (params, batch_stats, opt_state)
+        if checkpoint_path is not None and jax.process_index() == 0:
             checkpoint.save(
                 checkpoint_path,
-                params=params,
-                batch_stats=batch_stats,
-                opt_state=opt_state,
+                params=host_state[0],
+                batch_stats=host_state[1],
+                opt_state=host_state[2],
                 key=train_key,
                 seed=config.seed,
                 epoch=epoch + 1,
@@ -381,11 +416,9 @@ def train(
     return RunResult(
         config,
         records,
-        params,
-        batch_stats,
-        opt_state,
+        *host_state,
         compile_seconds,
         diverged,
         resumed_from,
-        int(tekfax.skipped_steps(opt_state)),
+        _skipped(opt_state),
     )
