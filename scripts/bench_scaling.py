@@ -8,9 +8,8 @@ trains TEKFAC (statistics every step) data-parallel on a fixed global batch and 
   shared machine) with ``eigen_every=10`` (one refresh per window) and with
   ``eigen_every=1`` (a refresh every step), the latter also with ``eigen_mesh``;
 * the bytes all-reduced per statistics step, from the model (factors sum_l 4 (d_in^2 +
-  d_out^2), gradients, and for TEKFAC S sum_l 4 d_in d_out per scan chunk) and, as a
-  cross-check, summed over the ``all-reduce`` ops of the compiled HLO (each op counted once,
-  as written; the per-example S of a convolution runs inside a scan over its chunks).
+  d_out^2), gradients, and for TEKFAC S sum_l 4 d_in d_out) and, as a cross-check, summed
+  over the ``all-reduce`` ops of the compiled HLO (each op counted once, as written).
 
     python scripts/bench_scaling.py [--model cnn] [--batch-size 256] [--repeats 5]
 
@@ -53,7 +52,6 @@ def child(args: argparse.Namespace) -> None:
     import optax
 
     import tekfax
-    from tekfax import patches, rescale
     from tekfax.capture import iter_layer_stats
     from tekfax.experiments import models
 
@@ -115,15 +113,13 @@ def child(args: argparse.Namespace) -> None:
         ),
         params,
     )
-    layers, factor_bytes, rescale_bytes, n = {}, {}, 0, args.batch_size
+    layers, factor_bytes, rescale_bytes = {}, {}, 0
     for name, st in iter_layer_stats(stats):
-        d_in, d_out, t = st.meta.d_in, st.meta.d_out, patches.locations(st.out_grads)
+        d_in, d_out = st.meta.d_in, st.meta.d_out
         layers[name] = (d_in, d_out)
-        # One all-reduce per scan chunk of the streamed statistics (patches.sum_over_examples).
-        chunks = patches.count_chunks(n, t * (d_in + d_out))
-        factor_bytes[name] = 4 * (d_in * d_in + d_out * d_out) * chunks
-        per_example = rescale.elements_per_example(1, t, d_in, d_out, "per_example")
-        rescale_bytes += 4 * d_in * d_out * patches.count_chunks(n, per_example)
+        # One all-reduce per statistic: the streamed chunks are summed per device first.
+        factor_bytes[name] = 4 * (d_in * d_in + d_out * d_out)
+        rescale_bytes += 4 * d_in * d_out
     result = {
         "devices": jax.device_count(),
         "layers": layers,

@@ -87,9 +87,27 @@ def output_matrix(out_grads: jax.Array) -> jax.Array:
 CHUNK_ELEMENTS = 1 << 22
 
 
-def count_chunks(n: int, per_example: int) -> int:
-    """Chunks :func:`sum_over_examples` splits n examples into (scan iterations)."""
-    return -(-n // max(1, min(n, CHUNK_ELEMENTS // max(per_example, 1))))
+def chunking(n: int, per_example: int) -> tuple[int, int, int]:
+    """(blocks, chunk, chunks): how :func:`sum_over_examples` streams n examples.
+
+    The batch is viewed as ``blocks`` = gcd(n, device count) contiguous blocks, one per
+    device when the batch is sharded over the devices; each block is cut into ``chunks``
+    chunks of ``chunk`` examples, so blocks * chunk <= ``CHUNK_ELEMENTS / per_example`` (or
+    chunk = 1). With several blocks, chunk divides the block (no padding, nothing moves
+    between devices); on one device a batch size with no fitting divisor gets balanced
+    chunks, the last one padded.
+    """
+    target = max(1, min(n, CHUNK_ELEMENTS // max(per_example, 1)))
+    if target == n:
+        return 1, n, 1
+    blocks = math.gcd(n, jax.device_count())
+    rows = n // blocks
+    budget = max(1, target // blocks)
+    chunk = max(k for k in range(1, rows + 1) if rows % k == 0 and k <= budget)
+    if blocks > 1 or 2 * chunk >= budget:
+        return blocks, chunk, rows // chunk
+    chunks = -(-rows // budget)
+    return 1, -(-rows // chunks), chunks
 
 
 def sum_over_examples(
@@ -104,37 +122,42 @@ def sum_over_examples(
 
     ``fn`` maps layer matrices a (n, T, d_in) and u (S, n, T, d_out) of n examples to a
     pytree that is a sum over the examples divided by n, as every statistic of sections 2-3
-    is. The batch is cut into chunks of at most ``CHUNK_ELEMENTS / per_example`` examples
-    (``per_example``: elements ``fn`` holds per example); each chunk's im2col is built inside
-    a ``lax.scan``, padding examples are zero rows (bias included), and the chunk results are
-    combined with weights chunk / N. One chunk calls ``fn`` directly.
+    is. See :func:`chunking` for the cut (``per_example``: elements ``fn`` holds per
+    example). A ``lax.scan`` over the chunks builds each chunk's im2col and accumulates
+    ``fn`` per block (``vmap``), so with the batch sharded over devices every device sums its
+    own examples and the blocks are added once at the end: one all-reduce per statistic,
+    however many chunks. Padding examples are zero rows (bias included); results are
+    weighted chunk / N. One chunk calls ``fn`` directly.
     """
     n = inputs.shape[0]
-    num_chunks = count_chunks(n, per_example)
-    if num_chunks == 1:
+    blocks, chunk, chunks = chunking(n, per_example)
+    if chunks == 1 and blocks == 1:
         return fn(input_matrix(inputs, meta).astype(dtype), output_matrix(out_grads).astype(dtype))
-    chunk = -(-n // num_chunks)  # balanced chunks, at most num_chunks - 1 padding examples
-    pad = num_chunks * chunk - n
-    # Chunk k holds examples k, k + num_chunks, ...: the batch axis stays the within-chunk
-    # axis, so a batch sharded over devices stays sharded inside the scan (no gather).
-    x = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1))
-    x = jnp.moveaxis(x.reshape((chunk, num_chunks) + inputs.shape[1:]), 1, 0)
-    g = jnp.pad(out_grads, [(0, 0), (0, pad)] + [(0, 0)] * (out_grads.ndim - 2))
-    g = jnp.moveaxis(g.reshape((g.shape[0], chunk, num_chunks) + g.shape[2:]), 2, 0)
-    real = (jnp.arange(num_chunks * chunk) < n).reshape(chunk, num_chunks).T.astype(dtype)
+    pad = chunks * chunk - n // blocks
 
-    def matrices(x_c, g_c, real_c):
-        a = input_matrix(x_c, meta).astype(dtype) * real_c[:, None, None]
-        return a, output_matrix(g_c).astype(dtype)
+    def split(v: jax.Array, axis: int) -> jax.Array:
+        """(..., n, ...) -> (chunks, ..., blocks, chunk, ...) along the batch ``axis``."""
+        v = v.reshape(v.shape[:axis] + (blocks, n // blocks) + v.shape[axis + 1 :])
+        v = jnp.pad(v, [(0, 0)] * (axis + 1) + [(0, pad)] + [(0, 0)] * (v.ndim - axis - 2))
+        v = v.reshape(v.shape[: axis + 1] + (chunks, chunk) + v.shape[axis + 2 :])
+        return jnp.moveaxis(v, axis + 1, 0)
+
+    x, g = split(inputs, 0), split(out_grads, 1)
+    real = split(jnp.ones((n,), dtype), 0)  # 0 on padding examples
+
+    def block_fn(x_b, g_b, real_b):
+        a = input_matrix(x_b, meta).astype(dtype) * real_b[:, None, None]
+        return fn(a, output_matrix(g_b).astype(dtype))
+
+    per_block = jax.vmap(block_fn, in_axes=(0, 1, 0))
 
     def body(total, data):
-        part = fn(*matrices(*data))
-        return jax.tree_util.tree_map(jnp.add, total, part), None
+        return jax.tree_util.tree_map(jnp.add, total, per_block(*data)), None
 
-    shapes = jax.eval_shape(lambda d: fn(*matrices(*d)), (x[0], g[0], real[0]))
+    shapes = jax.eval_shape(per_block, x[0], g[0], real[0])
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     total, _ = lax.scan(body, zeros, (x, g, real))
-    return jax.tree_util.tree_map(lambda t: t * (chunk / n), total)
+    return jax.tree_util.tree_map(lambda t: jnp.sum(t, axis=0) * (chunk / n), total)
 
 
 def locations(out_grads: jax.Array) -> int:

@@ -219,14 +219,17 @@ def test_s_trace_and_diagonal_float32():
 
 
 @f64
-@pytest.mark.parametrize("n, budget", [(4, 1), (3, 2), (4, 60)])
+@pytest.mark.parametrize("n, budget", [(4, 1), (7, 4), (4, 60)])
 def test_streamed_statistics_equal_whole_batch(monkeypatch, n, budget):
-    """sum_over_examples equals the whole batch: 4 chunks of 1; 2 chunks of 2, one example
-    of padding (its bias row must be zeroed); one chunk."""
+    """sum_over_examples equals the whole batch: 4 chunks of 1; 7 examples (the batch twice,
+    cut) in 2 chunks of 4 with one padding example, whose bias row must be zeroed; one chunk."""
     _, _, params, _, _ = fm.problem("dampnet")
     out = fm.capture_fn("dampnet", "sampled", 2)(params, *fm.batch("dampnet", 0), jax.random.key(3))
     for full in fm.flat(out.stats).values():
-        st = full.replace(inputs=full.inputs[:n], out_grads=full.out_grads[:, :n])
+        st = full.replace(
+            inputs=jnp.concatenate([full.inputs] * 2)[:n],
+            out_grads=jnp.concatenate([full.out_grads] * 2, axis=1)[:, :n],
+        )
         a = patches.input_matrix(st.inputs, st.meta)
         u = patches.output_matrix(st.out_grads)
         rng = np.random.default_rng(0)
@@ -242,6 +245,7 @@ def test_streamed_statistics_equal_whole_batch(monkeypatch, n, budget):
         }
         whole = {key: fn(a, u) for key, fn in functions.items()}
         monkeypatch.setattr(patches, "CHUNK_ELEMENTS", budget)
+        assert patches.chunking(n, 1) == {1: (1, 1, 4), 4: (1, 4, 2), 60: (1, 4, 1)}[budget]
         for key, fn in functions.items():
             got = patches.sum_over_examples(
                 fn, st.inputs, st.out_grads, st.meta, jnp.float64, per_example=1
