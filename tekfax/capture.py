@@ -209,8 +209,9 @@ def loss_and_curvature(
       num_samples: label draws per example; the statistics average over them.
       compute_stats: whether the optimizer will consume ``stats`` on this step; pass
         ``tekfax.stats_needed(opt_state)``. When false (a traced bool is fine: the choice is
-        made by ``lax.cond`` at run time, without recompiling) the sampled-label backward
-        pass is skipped and ``out_grads`` are zeros.
+        made at run time, without recompiling) ``out_grads`` are zeros and, on GPU/TPU, the
+        sampled-label backward pass is skipped by ``lax.cond``. On CPU it runs and is masked:
+        XLA:CPU executes conditional branches much slower (see the code).
 
     Returns:
       ``CurvatureOutput(loss, grads, stats, aux)``; ``stats`` mirrors the params tree down
@@ -268,10 +269,24 @@ def loss_and_curvature(
                 lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(sampled_pass)
             )
 
+        def masked_pass(flag):
+            return jax.tree_util.tree_map(
+                lambda g: jnp.where(flag, g, jnp.zeros((), g.dtype)), sampled_pass()
+            )
+
         if isinstance(compute_stats, bool):
             out_grads = sampled_pass() if compute_stats else skipped_pass()
         else:
-            out_grads = jax.lax.cond(compute_stats, sampled_pass, skipped_pass)
+            # XLA:CPU runs a conditional's branches as nested computations, measured far
+            # slower for convolutions: on the digits CNN at batch 256 the sampled pass costs
+            # 0.2-0.6 ms unconditionally but 3.5 ms inside lax.cond, and a skipped cond still
+            # 0.45 ms (scripts/bench.py, BENCHMARKS.md). So on CPU the pass always runs and
+            # is masked; elsewhere lax.cond skips it.
+            out_grads = jax.lax.platform_dependent(
+                compute_stats,
+                cpu=masked_pass,
+                default=lambda flag: jax.lax.cond(flag, sampled_pass, skipped_pass),
+            )
 
     stats = {}
     for name, d in found.items():
