@@ -54,7 +54,7 @@ def _conv_patches(inputs: jax.Array, meta: LayerMeta) -> jax.Array:
 
     One gather with indices fixed at trace time. ``lax.conv_general_dilated_patches`` would
     compute the same patches as a convolution with a one-hot kernel, prod(kernel) * c_in
-    times more flops; on the digits CNN it was 2-3x slower on CPU (scripts/bench.py).
+    times more flops; it was 2-3x slower on CPU (BENCHMARKS.md, "What changed").
     """
     rank = len(meta.kernel_size)
     n = inputs.shape[0]
