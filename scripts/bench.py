@@ -40,6 +40,7 @@ import tekfax
 from tekfax import curvature, eigenbasis, precondition, rescale
 from tekfax.capture import iter_layer_stats
 from tekfax.experiments import models
+from tekfax.experiments.compare import single_threaded_lapack
 from tekfax.patches import input_matrix, output_matrix
 
 SHAPES = {"mlp": (8, 8, 1), "cnn": (8, 8, 1), "resnet20": (32, 32, 3), "vgg16": (32, 32, 3)}
@@ -411,6 +412,7 @@ def print_stages(name: str, batch: int, rows: list[dict], peak: float) -> None:
 
 
 def main() -> None:
+    single_threaded_lapack()  # OpenBLAS threads spinning after eigh slow the next steps
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=list(SHAPES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 256])

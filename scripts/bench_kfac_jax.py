@@ -29,6 +29,7 @@ import optax
 
 import tekfax
 from tekfax.experiments import models
+from tekfax.experiments.compare import single_threaded_lapack
 
 SHAPES = {"mlp": (8, 8, 1), "cnn": (8, 8, 1), "resnet20": (32, 32, 3)}
 LR, DAMPING, MOMENTUM, EMA = 0.01, 0.1, 0.9, 0.95
@@ -158,6 +159,7 @@ def bench(name: str, batch: int, window: int, warmup: int, inverse_every: int) -
 
 
 def main() -> None:
+    single_threaded_lapack()  # OpenBLAS threads spinning after eigh slow the next steps
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=list(SHAPES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 256])

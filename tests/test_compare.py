@@ -308,3 +308,17 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     assert "--data-dir" in result.stderr and "cifar10" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_single_threaded_lapack_limits_every_blas_library():
+    """The tool's BLAS/LAPACK limit reaches SciPy's OpenBLAS, which jax's CPU eigh calls."""
+    import jax.numpy as jnp
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from tekfax.experiments.compare import single_threaded_lapack
+
+    jnp.linalg.eigh(jnp.eye(3))[0].block_until_ready()  # LAPACK loaded
+    with threadpool_limits(limits=2, user_api="blas"):
+        single_threaded_lapack()
+        blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+        assert blas and all(i["num_threads"] == 1 for i in blas)
