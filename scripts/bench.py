@@ -228,12 +228,9 @@ def stage_flops(layers: dict, estimator: str) -> dict[str, float]:
         if t == 1:
             resc += 2.0 * n * t * (d_in**2 + samples * d_out**2) + 3.0 * samples * n * d_in * d_out
         else:
-            project_first = t * (d_in**2 + d_out**2 + d_in * d_out) <= (
-                t * d_in * d_out + d_in**2 * d_out + d_in * d_out**2
-            )
-            per_grad = (
+            per_grad = (  # the path rescale.per_example takes (ALGORITHMS.md section 8)
                 2.0 * t * (d_in**2 + d_out**2 + d_in * d_out)
-                if project_first
+                if rescale.project_first(t, d_in, d_out)
                 else 2.0 * (t * d_in * d_out + d_in**2 * d_out + d_in * d_out**2)
             )
             resc += samples * n * (per_grad + 2.0 * d_in * d_out)

@@ -355,10 +355,11 @@ def scale_by_kronecker(
                 )
                 finite.extend(jnp.all(jnp.isfinite(f)) for f in batch[k])
             ok = jnp.all(jnp.stack(finite))
+            previous, _ = old_factors()
             out = {
                 k: tuple(
                     jnp.where(ok, curvature.ema(f_old, f_new, ema), f_old)
-                    for f_old, f_new in zip(old_factors()[0][k], batch[k], strict=True)
+                    for f_old, f_new in zip(previous[k], batch[k], strict=True)
                 )
                 for k in active
             }
