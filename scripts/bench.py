@@ -26,6 +26,7 @@ Synthetic data; the device is recorded. ``--json`` also writes every number.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -54,8 +55,9 @@ KRONECKER = {
     "tkfac": tekfax.tkfac,
     "tekfac": tekfax.tekfac,
 }
+_PRESET = inspect.signature(tekfax.kfac).parameters
 DEFAULTS = {  # The library's default intervals, read from the preset's signature.
-    k: tekfax.kfac.__kwdefaults__[k] for k in ("curvature_every", "eigen_every", "rescale_every")
+    k: _PRESET[k].default for k in ("curvature_every", "eigen_every", "rescale_every")
 }
 MIB = 2.0**20
 
@@ -228,7 +230,7 @@ def stage_flops(layers: dict, estimator: str) -> dict[str, float]:
         if t == 1:
             resc += 2.0 * n * t * (d_in**2 + samples * d_out**2) + 3.0 * samples * n * d_in * d_out
         else:
-            per_grad = (  # the path rescale.per_example takes (ALGORITHMS.md section 8)
+            per_grad = (  # the path rescale.per_example takes (docs/algorithms.md, section 8)
                 2.0 * t * (d_in**2 + d_out**2 + d_in * d_out)
                 if rescale.project_first(t, d_in, d_out)
                 else 2.0 * (t * d_in * d_out + d_in**2 * d_out + d_in * d_out**2)

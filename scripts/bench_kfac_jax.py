@@ -167,7 +167,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--inverse-every", type=int, default=5)
     args = parser.parse_args()
-    import kfac_jax  # noqa: PLC0415
+    try:
+        import kfac_jax  # noqa: PLC0415
+    except ImportError:
+        parser.error("kfac-jax is not installed; this module's docstring says how to set it up")
 
     device = jax.devices()[0]
     print(

@@ -1,11 +1,30 @@
 """tekfax: Kronecker-factored natural-gradient optimizers for JAX as optax transformations.
 
-Pipeline, one module per stage: ``tagging`` (Flax interceptor) -> ``capture``
-(``loss_and_curvature``) -> ``patches`` (layer matrices) -> ``curvature`` (factor estimates)
--> ``eigenbasis`` -> ``rescale`` (EKFAC/TEKFAC S) -> ``damping`` -> ``precondition``;
-``kronecker`` wires the stages into ``scale_by_kronecker``, ``alias`` holds the presets,
-``eadam`` the EAdam optimizer, ``guard`` the non-finite step guard, ``diagnostics`` the
-dense Fisher blocks and ``sharding`` the data-parallel helpers (mesh, batch sharding).
+The pipeline, one module per stage (sections of docs/algorithms.md in brackets):
+
+* :mod:`tekfax.tagging`: the Flax interceptor that finds Dense and Conv layers;
+* :mod:`tekfax.capture`: :func:`loss_and_curvature`, the loss, gradients and per-layer
+  statistics of one batch from one forward pass (section 1);
+* :mod:`tekfax.patches`: the layer matrices a and u, im2col, kernel layout (section 1);
+* :mod:`tekfax.curvature`: per-batch Kronecker factors and their moving averages (2-3);
+* :mod:`tekfax.eigenbasis`: the eigenbasis refresh (section 3);
+* :mod:`tekfax.rescale`: the eigenvalue-corrected diagonal S of EKFAC/TEKFAC (2-3);
+* :mod:`tekfax.damping`: the damped eigenvalues D (section 4);
+* :mod:`tekfax.precondition`: preconditioning in the eigenbasis (section 5).
+
+Wiring and the rest:
+
+* :mod:`tekfax.kronecker`: :func:`scale_by_kronecker`, the stages as one optax transformation;
+* :mod:`tekfax.hyperparams`: the keyword arguments it shares with every preset, defined once;
+* :mod:`tekfax.alias`: the presets KFAC, EKFAC, TKFAC and TEKFAC;
+* :mod:`tekfax.eadam`: the EAdam optimizer (section 6);
+* :mod:`tekfax.guard`: the guard that skips non-finite steps;
+* :mod:`tekfax.losses`: the losses and their model-distribution samplers;
+* :mod:`tekfax.diagnostics`: dense Fisher blocks, approximate and exact;
+* :mod:`tekfax.serialization`: saving and restoring optimizer state;
+* :mod:`tekfax.sharding`: data-parallel helpers (mesh, batch sharding);
+* :mod:`tekfax.validation`: the argument checks;
+* :mod:`tekfax.experiments`: the training scripts and experiments (section 7).
 """
 
 from tekfax import diagnostics, sharding

@@ -1,4 +1,14 @@
-"""Curvature capture: one forward pass, two backward passes (ALGORITHMS.md section 1)."""
+"""Curvature capture: one forward pass, two backward passes (docs/algorithms.md, section 1).
+
+:func:`loss_and_curvature` runs four stages, each a function of this module:
+
+1. :func:`discover_layers` traces ``logits_fn`` abstractly and finds its tagged layers;
+2. :func:`forward_pass` runs ``logits_fn`` once with zero probes on every layer, keeps the
+   VJP and backpropagates the data-label loss: the loss, ``grads`` and every layer's input a;
+3. :func:`output_gradients` gives every layer's output gradients u: a second backward pass at
+   labels drawn from the model (the true Fisher), or the first pass's (empirical Fisher);
+4. :func:`layer_stats` pairs a and u into one :class:`LayerStats` per layer.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from tekfax import losses
 from tekfax.tagging import LayerMeta, stat_dtype, tag_layers
@@ -27,6 +38,13 @@ class LayerStats:
         sample axis: (num_samples, N, ..., d_out). For ``fisher="empirical"`` num_samples is 1.
       meta: static :class:`~tekfax.tagging.LayerMeta` (kind, kernel size, strides, explicit
         padding, dilation, bias); it is pytree metadata, not a leaf.
+
+    Example:
+      >>> stats = out.stats["Dense_1"]    # from tekfax.loss_and_curvature
+      >>> stats.inputs.shape, stats.out_grads.shape
+      ((8, 16), (1, 8, 3))
+      >>> stats.kind, stats.has_bias, stats.meta.d_in, stats.meta.d_out
+      ('dense', True, 17, 3)
     """
 
     inputs: jax.Array
@@ -67,6 +85,28 @@ class CurvatureOutput(NamedTuple):
     aux: Any
 
 
+class ForwardPass(NamedTuple):
+    """The result of :func:`forward_pass`, by layer name where per layer.
+
+    Attributes:
+      logits: the model's outputs f.
+      aux: the auxiliary output of ``logits_fn`` (None without ``has_aux``).
+      loss: the batch-mean loss at the data labels.
+      grads: its gradient with respect to the params (exactly ``jax.grad``).
+      inputs: every layer's input a, in float32 or wider.
+      data_out_grads: every layer's output gradient d L / d s at the data labels.
+      vjp_fn: the pullback of ``(params, probes)``, for further backward passes.
+    """
+
+    logits: jax.Array
+    aux: Any
+    loss: jax.Array
+    grads: Any
+    inputs: dict[str, jax.Array]
+    data_out_grads: dict[str, jax.Array]
+    vjp_fn: Callable[[jax.Array], Any]
+
+
 def _split_output(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
     if not has_aux:
         return out, None
@@ -78,61 +118,59 @@ def _split_output(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
     return out
 
 
-def discover_layers(logits_fn: Callable, params: Any, has_aux: bool = False) -> dict:
-    """Traces ``logits_fn`` abstractly and returns the tagged layers it calls, by name."""
-    with tag_layers() as found:
-        jax.eval_shape(lambda p: _split_output(logits_fn(p), has_aux)[0], params)
-    if not found:
-        raise ValueError(
-            "tekfax: logits_fn called no flax.linen.Dense or flax.linen.Conv layer, so there is "
-            "no curvature to capture. Build the model from nn.Dense / nn.Conv modules."
-        )
-    return dict(found)
-
-
 def nest_by_name(flat: Mapping[str, Any]) -> Any:
-    """{"Block_0/Conv_0": x} -> {"Block_0": {"Conv_0": x}}; the root layer ("") maps to x."""
+    """{"Block_0/Conv_0": x} -> {"Block_0": {"Conv_0": x}}; the root layer ("") maps to x.
+
+    ``flax.traverse_util.unflatten_dict`` with ``sep="/"``, plus tekfax's convention for a
+    model that is a single layer: its name is ``""`` and its entry is not nested.
+
+    Example:
+      >>> tekfax.capture.nest_by_name({"Block_0/Conv_0": 1, "Dense_0": 2})
+      {'Block_0': {'Conv_0': 1}, 'Dense_0': 2}
+      >>> tekfax.capture.nest_by_name({"": 1})
+      1
+    """
     if "" in flat:
         return flat[""]
-    nested: dict = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = nested
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return nested
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def flatten_by_name(tree: Any) -> dict[str, Any]:
-    """Inverse of :func:`nest_by_name`: {"Block_0": {"Conv_0": x}} -> {"Block_0/Conv_0": x}."""
+    """Inverse of :func:`nest_by_name`: {"Block_0": {"Conv_0": x}} -> {"Block_0/Conv_0": x}.
+
+    ``flax.traverse_util.flatten_dict`` with ``sep="/"``; anything but a dict is the root
+    layer's entry, ``{"": tree}``.
+
+    Example:
+      >>> tekfax.capture.flatten_by_name({"Block_0": {"Conv_0": 1}, "Dense_0": 2})
+      {'Block_0/Conv_0': 1, 'Dense_0': 2}
+    """
     if not isinstance(tree, Mapping):
         return {"": tree}
-    flat = {}
-    for key, value in tree.items():
-        for name, leaf in flatten_by_name(value).items():
-            flat[f"{key}/{name}" if name else str(key)] = leaf
-    return flat
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
-def iter_layer_stats(stats: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, LayerStats]]:
-    """Yields ``(name, LayerStats)`` for every layer in a nested stats tree."""
-    if isinstance(stats, LayerStats):
-        yield "/".join(prefix), stats
-    elif isinstance(stats, Mapping):
-        for key, value in stats.items():
-            yield from iter_layer_stats(value, prefix + (str(key),))
-    else:
-        raise TypeError(
-            "tekfax: stats must be the nested dict of LayerStats returned by "
-            f"tekfax.loss_and_curvature(...).stats; found {type(stats).__name__} at "
-            f"'{'/'.join(prefix)}'."
-        )
+def iter_layer_stats(stats: Any) -> Iterator[tuple[str, LayerStats]]:
+    """Yields ``(name, LayerStats)`` for every layer in a nested stats tree.
+
+    Example:
+      >>> [name for name, _ in tekfax.capture.iter_layer_stats(out.stats)]
+      ['Dense_0', 'Dense_1']
+    """
+    for name, leaf in flatten_by_name(stats).items():
+        if not isinstance(leaf, LayerStats):
+            raise TypeError(
+                "tekfax: stats must be the nested dict of LayerStats returned by "
+                f"tekfax.loss_and_curvature(...).stats; found {type(leaf).__name__} at "
+                f"'{name}'."
+            )
+        yield name, leaf
 
 
 def check_capture_args(
     loss: str, fisher: str, rng: Any, num_samples: int, logits_fn: Any = None
 ) -> None:
+    """Raises on arguments of :func:`loss_and_curvature` that cannot work, naming the fix."""
     if logits_fn is not None and not callable(logits_fn):
         raise TypeError(
             "tekfax: logits_fn must be a callable params -> logits (e.g. lambda p: "
@@ -158,6 +196,18 @@ def check_capture_args(
         )
 
 
+def _check_flags(has_aux: Any, compute_stats: Any) -> None:
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"tekfax: has_aux must be True or False, got {type(has_aux).__name__}.")
+    if not isinstance(compute_stats, bool | np.bool_ | jax.Array | np.ndarray) or (
+        jnp.ndim(compute_stats) != 0
+    ):
+        raise TypeError(
+            "tekfax: compute_stats must be a bool or a scalar bool array (pass "
+            f"tekfax.stats_needed(opt_state)), got {type(compute_stats).__name__}."
+        )
+
+
 def check_targets(loss: str, logits: jax.Array, targets: Any) -> None:
     """Targets shaped for ``loss`` on these logits (broadcasting would silently be wrong)."""
     shape = getattr(targets, "shape", None)
@@ -177,6 +227,189 @@ def check_targets(loss: str, logits: jax.Array, targets: Any) -> None:
         )
 
 
+def discover_layers(logits_fn: Callable, params: Any, has_aux: bool = False) -> dict:
+    """Stage 1: traces ``logits_fn`` abstractly and returns the tagged layers it calls, by name.
+
+    Each entry holds the layer's :class:`~tekfax.tagging.LayerMeta` and the shapes and dtypes
+    of its input and output; nothing is computed.
+
+    Example:
+      >>> found = tekfax.capture.discover_layers(logits_fn, params)
+      >>> found["Dense_0"].meta.kind, found["Dense_0"].outputs.shape
+      ('dense', (8, 16))
+    """
+    with tag_layers() as found:
+        jax.eval_shape(lambda p: _split_output(logits_fn(p), has_aux)[0], params)
+    if not found:
+        raise ValueError(
+            "tekfax: logits_fn called no flax.linen.Dense or flax.linen.Conv layer, so there is "
+            "no curvature to capture. Build the model from nn.Dense / nn.Conv modules."
+        )
+    return dict(found)
+
+
+def forward_pass(
+    logits_fn: Callable,
+    params: Any,
+    targets: jax.Array,
+    found: Mapping,
+    *,
+    loss: str,
+    has_aux: bool = False,
+) -> ForwardPass:
+    """Stage 2: one forward pass with the VJP kept, and the data-label backward pass.
+
+    Every layer of ``found`` gets two zero probes, shaped like its output and input, that
+    :func:`tekfax.tag_layers` taps; their gradients are the layer's output gradient and its
+    input a (docs/algorithms.md, section 1). The backward pass of the batch-mean loss at the
+    data labels gives the loss, the exact ``grads`` and those per-layer gradients.
+
+    Example:
+      >>> found = tekfax.capture.discover_layers(logits_fn, params)
+      >>> fwd = tekfax.capture.forward_pass(logits_fn, params, y, found,
+      ...                                   loss="softmax_cross_entropy")
+      >>> fwd.inputs["Dense_1"].shape, fwd.data_out_grads["Dense_1"].shape
+      ((8, 16), (8, 3))
+    """
+    probes = {
+        name: (
+            jnp.zeros(d.outputs.shape, d.outputs.dtype),
+            jnp.zeros(d.inputs.shape, d.inputs.dtype),
+        )
+        for name, d in found.items()
+    }
+
+    def tapped(p, probes):
+        with tag_layers(probes):
+            return _split_output(logits_fn(p), has_aux)
+
+    logits, vjp_fn, aux = jax.vjp(tapped, params, probes, has_aux=True)
+    check_targets(loss, logits, targets)
+    loss_value, dlogits = jax.value_and_grad(functools.partial(losses.mean_loss, loss))(
+        logits, targets
+    )
+    grads, probe_grads = vjp_fn(dlogits.astype(logits.dtype))
+    return ForwardPass(
+        logits=logits,
+        aux=aux,
+        loss=loss_value,
+        grads=grads,
+        inputs={name: a for name, (_, a) in probe_grads.items()},
+        data_out_grads={name: u for name, (u, _) in probe_grads.items()},
+        vjp_fn=vjp_fn,
+    )
+
+
+def sampled_output_gradients(
+    fwd: ForwardPass, loss: str, rng: jax.Array, num_samples: int
+) -> dict[str, jax.Array]:
+    """d L / d s per layer at labels drawn from the model: (num_samples, N, ..., d_out).
+
+    Each draw of :func:`tekfax.losses.sample_targets` is backpropagated through the kept
+    VJP of ``fwd``; ``vmap`` runs the ``num_samples`` draws at once.
+    """
+    loss_fn = functools.partial(losses.mean_loss, loss)
+
+    def one_draw(key):
+        sampled = losses.sample_targets(loss, key, fwd.logits)
+        cotangent = jax.grad(loss_fn)(fwd.logits, sampled).astype(fwd.logits.dtype)
+        return {name: g for name, (g, _) in fwd.vjp_fn(cotangent)[1].items()}
+
+    return jax.vmap(one_draw)(jax.random.split(rng, num_samples))
+
+
+def run_if_needed(compute_stats: bool | jax.Array, pass_fn: Callable[[], Any]) -> Any:
+    """``pass_fn()`` when ``compute_stats`` is true, zeros shaped like its result otherwise.
+
+    A Python bool decides at trace time. A traced flag decides at run time: ``lax.cond``
+    skips the pass on GPU/TPU; on CPU the pass runs and is masked. XLA:CPU runs a
+    conditional's branches as nested computations, measured far slower for convolutions:
+    on the digits CNN at batch 256 the sampled pass costs 0.2-0.6 ms unconditionally but
+    3.5 ms inside ``lax.cond``, and a skipped cond still 0.45 ms (scripts/bench.py,
+    BENCHMARKS.md).
+    """
+
+    def skipped_pass():
+        return jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(pass_fn)
+        )
+
+    def masked_pass(flag):
+        return jax.tree_util.tree_map(
+            lambda g: jnp.where(flag, g, jnp.zeros((), g.dtype)), pass_fn()
+        )
+
+    if isinstance(compute_stats, bool):
+        return pass_fn() if compute_stats else skipped_pass()
+    return jax.lax.platform_dependent(
+        compute_stats,
+        cpu=masked_pass,
+        default=lambda flag: jax.lax.cond(flag, pass_fn, skipped_pass),
+    )
+
+
+def output_gradients(
+    fwd: ForwardPass,
+    *,
+    loss: str,
+    fisher: str,
+    rng: jax.Array | None = None,
+    num_samples: int = 1,
+    compute_stats: bool | jax.Array = True,
+) -> dict[str, jax.Array]:
+    """Stage 3: d L / d s per layer, (num_samples, N, ..., d_out), for the Fisher chosen.
+
+    ``fisher="sampled"``: :func:`sampled_output_gradients`, run when ``compute_stats``
+    (:func:`run_if_needed`). ``fisher="empirical"``: the data-label pass of ``fwd``, with a
+    sample axis of 1.
+
+    Example:
+      >>> found = tekfax.capture.discover_layers(logits_fn, params)
+      >>> fwd = tekfax.capture.forward_pass(logits_fn, params, y, found,
+      ...                                   loss="softmax_cross_entropy")
+      >>> u = tekfax.capture.output_gradients(fwd, loss="softmax_cross_entropy",
+      ...                                     fisher="sampled", rng=rng, num_samples=2)
+      >>> u["Dense_1"].shape
+      (2, 8, 3)
+    """
+    if fisher == "empirical":
+        return {name: g[None] for name, g in fwd.data_out_grads.items()}
+    return run_if_needed(
+        compute_stats, lambda: sampled_output_gradients(fwd, loss, rng, num_samples)
+    )
+
+
+def layer_stats(
+    found: Mapping,
+    inputs: Mapping[str, jax.Array],
+    out_grads: Mapping[str, jax.Array],
+    batch: int,
+) -> dict[str, LayerStats]:
+    """Stage 4: one :class:`LayerStats` per layer name, output gradients per example.
+
+    u is rescaled from the batch mean's gradient to the per-example d l_n / d s = N d L / d s
+    and kept in float32 or wider.
+
+    Example:
+      >>> found = tekfax.capture.discover_layers(logits_fn, params)
+      >>> fwd = tekfax.capture.forward_pass(logits_fn, params, y, found,
+      ...                                   loss="softmax_cross_entropy")
+      >>> u = tekfax.capture.output_gradients(fwd, loss="softmax_cross_entropy",
+      ...                                     fisher="empirical")
+      >>> stats = tekfax.capture.layer_stats(found, fwd.inputs, u, batch=8)
+      >>> stats["Dense_0"].out_grads.shape
+      (1, 8, 16)
+    """
+    return {
+        name: LayerStats(
+            inputs=inputs[name],
+            out_grads=out_grads[name].astype(stat_dtype(d.outputs.dtype)) * batch,
+            meta=d.meta,
+        )
+        for name, d in found.items()
+    }
+
+
 def loss_and_curvature(
     logits_fn: Callable[[Any], Any],
     params: Any,
@@ -194,8 +427,9 @@ def loss_and_curvature(
     ``logits_fn(params)`` runs once under :func:`tekfax.tag_layers`; ``jax.vjp`` keeps its
     residuals and backpropagates twice: the data-label loss gives ``grads`` (exactly
     ``jax.grad`` of the batch-mean loss), and loss gradients at labels drawn from the model
-    (``fisher="sampled"``, the true Fisher) give the output gradients u of ALGORITHMS.md
-    section 1. ``fisher="empirical"`` reuses the first pass's output gradients instead.
+    (``fisher="sampled"``, the true Fisher) give the output gradients u of
+    docs/algorithms.md, section 1. ``fisher="empirical"`` reuses the first pass's output
+    gradients instead. Each stage is a function of :mod:`tekfax.capture`.
 
     Args:
       logits_fn: params -> logits, or (logits, aux) with ``has_aux=True``.
@@ -209,91 +443,26 @@ def loss_and_curvature(
       num_samples: label draws per example; the statistics average over them.
       compute_stats: whether the optimizer will consume ``stats`` on this step; pass
         ``tekfax.stats_needed(opt_state)``. When false (a traced bool is fine: the choice is
-        made at run time, without recompiling) ``out_grads`` are zeros and, on GPU/TPU, the
-        sampled-label backward pass is skipped by ``lax.cond``. On CPU it runs and is masked:
-        XLA:CPU executes conditional branches much slower (see the code).
+        made at run time, without recompiling) ``out_grads`` are zeros and the sampled-label
+        backward pass is skipped on GPU/TPU, masked on CPU (:func:`run_if_needed`).
 
     Returns:
       ``CurvatureOutput(loss, grads, stats, aux)``; ``stats`` mirrors the params tree down
       to each tagged layer's dict, which holds a :class:`LayerStats`.
 
     Example:
-      >>> out = tekfax.loss_and_curvature(lambda p: model.apply({"params": p}, x),
-      ...                                 params, y, rng=jax.random.key(0))  # doctest: +SKIP
-      >>> updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+      >>> out = tekfax.loss_and_curvature(logits_fn, params, y, rng=jax.random.key(0))
+      >>> sorted(out.stats), out.grads["Dense_0"]["kernel"].shape
+      (['Dense_0', 'Dense_1'], (4, 16))
+      >>> opt = tekfax.kfac(learning_rate=1e-2, damping=1e-3)
+      >>> updates, opt_state = opt.update(out.grads, opt.init(params), params, stats=out.stats)
     """
     check_capture_args(loss, fisher, rng, num_samples, logits_fn)
-    if not isinstance(has_aux, bool):
-        raise TypeError(f"tekfax: has_aux must be True or False, got {type(has_aux).__name__}.")
-    if not isinstance(compute_stats, bool | np.bool_ | jax.Array | np.ndarray) or (
-        jnp.ndim(compute_stats) != 0
-    ):
-        raise TypeError(
-            "tekfax: compute_stats must be a bool or a scalar bool array (pass "
-            f"tekfax.stats_needed(opt_state)), got {type(compute_stats).__name__}."
-        )
+    _check_flags(has_aux, compute_stats)
     found = discover_layers(logits_fn, params, has_aux)
-    probes = {
-        name: (
-            jnp.zeros(d.outputs.shape, d.outputs.dtype),
-            jnp.zeros(d.inputs.shape, d.inputs.dtype),
-        )
-        for name, d in found.items()
-    }
-
-    def tapped(p, probes):
-        with tag_layers(probes):
-            return _split_output(logits_fn(p), has_aux)
-
-    logits, vjp_fn, aux = jax.vjp(tapped, params, probes, has_aux=True)
-    batch = logits.shape[0]
-    check_targets(loss, logits, targets)
-    loss_fn = functools.partial(losses.mean_loss, loss)
-    loss_value, dlogits = jax.value_and_grad(loss_fn)(logits, targets)
-    grads, probe_grads = vjp_fn(dlogits.astype(logits.dtype))
-
-    if fisher == "empirical":
-        out_grads = {name: g[None] for name, (g, _) in probe_grads.items()}
-    else:
-
-        def sampled_out_grads(key):
-            sampled = losses.sample_targets(loss, key, logits)
-            cotangent = jax.grad(loss_fn)(logits, sampled).astype(logits.dtype)
-            return {name: g for name, (g, _) in vjp_fn(cotangent)[1].items()}
-
-        def sampled_pass():
-            return jax.vmap(sampled_out_grads)(jax.random.split(rng, num_samples))
-
-        def skipped_pass():
-            return jax.tree_util.tree_map(
-                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(sampled_pass)
-            )
-
-        def masked_pass(flag):
-            return jax.tree_util.tree_map(
-                lambda g: jnp.where(flag, g, jnp.zeros((), g.dtype)), sampled_pass()
-            )
-
-        if isinstance(compute_stats, bool):
-            out_grads = sampled_pass() if compute_stats else skipped_pass()
-        else:
-            # XLA:CPU runs a conditional's branches as nested computations, measured far
-            # slower for convolutions: on the digits CNN at batch 256 the sampled pass costs
-            # 0.2-0.6 ms unconditionally but 3.5 ms inside lax.cond, and a skipped cond still
-            # 0.45 ms (scripts/bench.py, BENCHMARKS.md). So on CPU the pass always runs and
-            # is masked; elsewhere lax.cond skips it.
-            out_grads = jax.lax.platform_dependent(
-                compute_stats,
-                cpu=masked_pass,
-                default=lambda flag: jax.lax.cond(flag, sampled_pass, skipped_pass),
-            )
-
-    stats = {}
-    for name, d in found.items():
-        dtype = stat_dtype(d.outputs.dtype)
-        stats[name] = LayerStats(
-            inputs=probe_grads[name][1],
-            out_grads=out_grads[name].astype(dtype) * batch,  # d l_n / d s = N * d L / d s
-            meta=d.meta,
-        )
-    return CurvatureOutput(loss_value, grads, nest_by_name(stats), aux)
+    fwd = forward_pass(logits_fn, params, targets, found, loss=loss, has_aux=has_aux)
+    out_grads = output_gradients(
+        fwd, loss=loss, fisher=fisher, rng=rng, num_samples=num_samples, compute_stats=compute_stats
+    )
+    stats = layer_stats(found, fwd.inputs, out_grads, fwd.logits.shape[0])
+    return CurvatureOutput(fwd.loss, fwd.grads, nest_by_name(stats), fwd.aux)

@@ -1,19 +1,32 @@
-"""Damping: the damped eigenvalues D that the preconditioner divides by (ALGORITHMS.md s. 4).
+"""Damping: the damped eigenvalues D that the preconditioner divides by.
 
-Every rule returns D in kernel layout (d_in, d_out), the diagonal of the damped block in the
-eigenbasis Q = Q_in (x) Q_out, so the damped block is Q diag(vec D) Q^T.
+docs/algorithms.md, section 4. Every rule returns D in kernel layout (d_in, d_out), the
+diagonal of the damped block in the eigenbasis Q = Q_in (x) Q_out, so the damped block is
+Q diag(vec D) Q^T. :func:`choose_rule` picks one :data:`DampingRule` per optimizer, at
+construction, from the estimator, the eigenvalue correction and the damping arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
+if TYPE_CHECKING:
+    from tekfax.eigenbasis import Eigenbasis
+
 
 def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    """num / den where den > 0, else 0 (a dead layer has zero statistics)."""
+    """num / den where den > 0, else 0 (a dead layer has zero statistics).
+
+    Example:
+      >>> from tekfax.damping import safe_div
+      >>> safe_div(jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0]))
+      Array([0.5, 0. ], dtype=float32)
+    """
     positive = den > 0
     return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
 
@@ -21,7 +34,12 @@ def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
 def pi_factor(eig_in: jax.Array, eig_out: jax.Array) -> jax.Array:
     """pi = sqrt((tr A / d_in) / (tr G / d_out)) (Martens & Grosse 2015, s. 6.3).
 
-    1 when either trace is 0.
+    1 when either trace is 0. docs/algorithms.md, section 4.
+
+    Example:
+      >>> from tekfax.damping import pi_factor
+      >>> float(pi_factor(jnp.array([4.0, 4.0]), jnp.array([1.0])))
+      2.0
     """
     mean_in, mean_out = jnp.mean(eig_in), jnp.mean(eig_out)
     ok = (mean_in > 0) & (mean_out > 0)
@@ -31,7 +49,17 @@ def pi_factor(eig_in: jax.Array, eig_out: jax.Array) -> jax.Array:
 def factored(
     eig_in: jax.Array, eig_out: jax.Array, damping: jax.Array, pi: jax.Array | float = 1.0
 ) -> jax.Array:
-    """(A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I) in the eigenbasis (KFAC, s. 4)."""
+    """(A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I) in the eigenbasis.
+
+    KFAC's factored damping (Martens & Grosse 2015, section 6.3; docs/algorithms.md,
+    section 4).
+
+    Example:
+      >>> from tekfax.damping import factored
+      >>> factored(jnp.array([1.0, 3.0]), jnp.array([0.0]), 1.0)
+      Array([[2.],
+             [4.]], dtype=float32)
+    """
     root = jnp.sqrt(damping)
     return jnp.outer(eig_in + pi * root, eig_out + root / pi)
 
@@ -42,7 +70,12 @@ def tkfac_normal(
     """(sqrt(delta) Phi + sqrt(lambda) I) (x) (sqrt(delta) Psi + sqrt(lambda) I) (TKFAC Eq. 13-14).
 
     ``eig_in``/``eig_out`` are eigenvalues of the moments M_Phi, M_Psi; sqrt(delta) Phi has
-    eigenvalues eig(M_Phi) / sqrt(delta).
+    eigenvalues eig(M_Phi) / sqrt(delta). docs/algorithms.md, section 4.
+
+    Example:
+      >>> from tekfax.damping import tkfac_normal
+      >>> tkfac_normal(jnp.array([4.0]), jnp.array([4.0]), jnp.array(4.0), 1.0)
+      Array([[9.]], dtype=float32)
     """
     scale = safe_div(1.0, jnp.sqrt(delta))
     return factored(eig_in * scale, eig_out * scale, damping)
@@ -52,6 +85,12 @@ def trace_adaptive_factored(phi: jax.Array, psi: jax.Array, delta_tilde: jax.Arr
     """(sqrt(d~) Phi + d~/d_in I) (x) (sqrt(d~) Psi + d~/d_out I) (TKFAC_new, Eq. 15-16).
 
     ``phi`` and ``psi`` are the eigenvalues of the unit-trace factors Phi and Psi.
+    docs/algorithms.md, section 4.
+
+    Example:
+      >>> from tekfax.damping import trace_adaptive_factored
+      >>> trace_adaptive_factored(jnp.array([1.0]), jnp.array([1.0]), jnp.array(4.0))
+      Array([[36.]], dtype=float32)
     """
     root = jnp.sqrt(delta_tilde)
     return jnp.outer(
@@ -60,14 +99,25 @@ def trace_adaptive_factored(phi: jax.Array, psi: jax.Array, delta_tilde: jax.Arr
 
 
 def rescale_fixed(s: jax.Array, damping: jax.Array) -> jax.Array:
-    """S~ = S + lambda (EKFAC, TEKFAC on FNNs)."""
+    """S~ = S + lambda (EKFAC, TEKFAC on FNNs; docs/algorithms.md, section 4).
+
+    Example:
+      >>> from tekfax.damping import rescale_fixed
+      >>> rescale_fixed(jnp.array([[1.0, 2.0]]), 0.5)
+      Array([[1.5, 2.5]], dtype=float32)
+    """
     return s + damping
 
 
 def rescale_trace(s: jax.Array, delta_tilde: jax.Array) -> jax.Array:
-    """S~ = (d~/delta) S + d~/dim, delta = tr S, dim = d_in d_out (our reading of TEKFAC Eq. 3.5).
+    """S~ = (d~/delta) S + d~/dim, delta = tr S, dim = d_in d_out (reading TEKFAC Eq. 3.5).
 
-    A dead layer (delta = 0) gets S~ = d~/dim.
+    A dead layer (delta = 0) gets S~ = d~/dim. docs/algorithms.md, section 4.
+
+    Example:
+      >>> from tekfax.damping import rescale_trace
+      >>> rescale_trace(jnp.array([[1.0, 3.0]]), jnp.array(8.0))
+      Array([[ 6., 10.]], dtype=float32)
     """
     return safe_div(delta_tilde, jnp.sum(s)) * s + delta_tilde / s.size
 
@@ -79,7 +129,14 @@ def adaptive_deltas(
 
     Conv layers: delta~ = max(nu, delta). beta = max over conv layers of delta~/delta (1 when
     there is none; a dead conv layer, delta = 0, counts as ratio 1 rather than infinity).
-    Dense layers: delta~ = beta * max(nu, delta).
+    Dense layers: delta~ = beta * max(nu, delta). docs/algorithms.md, section 4.
+
+    Example:
+      >>> from tekfax.damping import adaptive_deltas
+      >>> tilde = adaptive_deltas({"conv": jnp.array(0.5), "dense": jnp.array(2.0)},
+      ...                         {"conv": True, "dense": False}, 1.0)
+      >>> float(tilde["conv"]), float(tilde["dense"])
+      (1.0, 4.0)
     """
     ratios = [
         jnp.where(deltas[k] > 0, safe_div(jnp.maximum(nu, deltas[k]), deltas[k]), 1.0)
@@ -88,3 +145,101 @@ def adaptive_deltas(
     ]
     beta = jnp.max(jnp.stack(ratios)) if ratios else 1.0
     return {k: jnp.maximum(nu, d) * (1.0 if is_conv[k] else beta) for k, d in deltas.items()}
+
+
+DampingRule = Callable[..., dict[str, jax.Array]]
+"""``rule(bases, s, is_conv, damping, nu) -> {layer: D}``: per-layer :class:`Eigenbasis`,
+S (None unless eigenvalue-corrected), whether each layer is a convolution, and the two
+damping hyperparameters (either may be unused by the rule)."""
+
+
+def unit_trace(basis: Eigenbasis, tkfac: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Eigenvalues of the unit-trace factors Phi, Psi and the trace scale delta of a block.
+
+    TKFAC: Phi = M_Phi / delta, Psi = M_Psi / delta (TKFAC Eq. 8). KFAC (tekfax's extension
+    of the trace-adaptive rule, docs/algorithms.md, section 4): A (x) G = (tr A tr G)
+    (A / tr A) (x) (G / tr G).
+
+    Example:
+      >>> from tekfax.damping import unit_trace
+      >>> from tekfax.eigenbasis import Eigenbasis
+      >>> basis = Eigenbasis(jnp.eye(2), jnp.array([1.0, 3.0]), jnp.eye(1), jnp.array([2.0]),
+      ...                    None)
+      >>> phi, psi, delta = unit_trace(basis, tkfac=False)
+      >>> phi, float(delta)
+      (Array([0.25, 0.75], dtype=float32), 8.0)
+    """
+    if tkfac:
+        delta = basis.delta
+        return safe_div(basis.eig_in, delta), safe_div(basis.eig_out, delta), delta
+    tr_in, tr_out = jnp.sum(basis.eig_in), jnp.sum(basis.eig_out)
+    return safe_div(basis.eig_in, tr_in), safe_div(basis.eig_out, tr_out), tr_in * tr_out
+
+
+def _kfac_fixed(bases, s, is_conv, damping, nu, *, pi_adjusted: bool):
+    del s, is_conv, nu
+    out = {}
+    for k, b in bases.items():
+        pi = pi_factor(b.eig_in, b.eig_out) if pi_adjusted else 1.0
+        out[k] = factored(b.eig_in, b.eig_out, damping, pi)
+    return out
+
+
+def _tkfac_fixed(bases, s, is_conv, damping, nu):
+    del s, is_conv, nu
+    return {k: tkfac_normal(b.eig_in, b.eig_out, b.delta, damping) for k, b in bases.items()}
+
+
+def _factored_adaptive(bases, s, is_conv, damping, nu, *, tkfac: bool):
+    del s, damping
+    unit = {k: unit_trace(b, tkfac) for k, b in bases.items()}
+    tilde = adaptive_deltas({k: u[2] for k, u in unit.items()}, is_conv, nu)
+    return {k: trace_adaptive_factored(phi, psi, tilde[k]) for k, (phi, psi, _) in unit.items()}
+
+
+def _rescale_fixed(bases, s, is_conv, damping, nu):
+    del is_conv, nu
+    return {k: rescale_fixed(s[k], damping) for k in bases}
+
+
+def _rescale_adaptive(bases, s, is_conv, damping, nu):
+    del damping
+    tilde = adaptive_deltas({k: jnp.sum(s[k]) for k in bases}, is_conv, nu)
+    return {k: rescale_trace(s[k], tilde[k]) for k in bases}
+
+
+def choose_rule(
+    estimator: str, eigen_corrected: bool, adaptive: bool, pi_adjusted: bool = False
+) -> DampingRule:
+    """The damping rule of one optimizer, picked once at construction (docs/algorithms.md, s. 4).
+
+    - EKFAC/TEKFAC: S + lambda, or with ``adaptive`` (``nu`` given) the trace rule on S
+      (TEKFAC Eq. 3.4-3.5);
+    - KFAC/TKFAC with ``adaptive``: the trace-adaptive factored rule (TKFAC Eq. 15-16);
+    - TKFAC: the normal factored damping (TKFAC Eq. 13-14);
+    - KFAC: factored damping, split by pi when ``pi_adjusted`` (Martens & Grosse 2015).
+
+    The rule returns D in the dtype of each layer's eigenvalues.
+
+    Example:
+      >>> from tekfax.damping import choose_rule
+      >>> from tekfax.eigenbasis import Eigenbasis
+      >>> rule = choose_rule("kfac", eigen_corrected=False, adaptive=False)
+      >>> basis = Eigenbasis(jnp.eye(1), jnp.array([3.0]), jnp.eye(1), jnp.array([0.0]), None)
+      >>> rule({"Dense_0": basis}, {"Dense_0": None}, {"Dense_0": False}, 1.0, None)
+      {'Dense_0': Array([[4.]], dtype=float32)}
+    """
+    if eigen_corrected:
+        rule = _rescale_adaptive if adaptive else _rescale_fixed
+    elif adaptive:
+        rule = functools.partial(_factored_adaptive, tkfac=estimator == "tkfac")
+    elif estimator == "tkfac":
+        rule = _tkfac_fixed
+    else:
+        rule = functools.partial(_kfac_fixed, pi_adjusted=pi_adjusted)
+
+    def damped(bases, s, is_conv, damping, nu):
+        out = rule(bases, s, is_conv, damping, nu)
+        return {k: out[k].astype(b.eig_in.dtype) for k, b in bases.items()}
+
+    return damped

@@ -3,7 +3,11 @@
 Every block is ordered like ``jax.flatten_util.ravel_pytree(params_of_that_layer)[0]``: for a
 Flax Dense or Conv that is the bias first, then the kernel flattened row-major. That is the
 ravel of the kernel-layout matrix of :mod:`tekfax.patches`, so a block in the eigenbasis is
-(Q_in (x) Q_out) diag(vec D) (Q_in (x) Q_out)^T with ``jnp.kron``.
+(Q_in (x) Q_out) diag(vec D) (Q_in (x) Q_out)^T with ``jnp.kron`` (docs/algorithms.md,
+sections 2 and 5).
+
+The examples below take one KFAC step on the MLP of docs/examples.md, whose layers have
+blocks of 80 x 80 (``Dense_0``: 16 biases, 4 x 16 weights) and 51 x 51.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from tekfax.capture import (
 from tekfax.curvature import eigen_diagonal
 from tekfax.kronecker import LayerCurvature, find_kronecker_state
 
+EXACT_FISHER_MODES = ("sampled", "empirical", "expected")
+
 
 def _eigen_block(q_in: jax.Array, q_out: jax.Array, diagonal: jax.Array) -> jax.Array:
     q = jnp.kron(q_in, q_out)
@@ -33,8 +39,18 @@ def _eigen_block(q_in: jax.Array, q_out: jax.Array, diagonal: jax.Array) -> jax.
 
 
 def undamped_diagonal(layer: LayerCurvature) -> jax.Array:
-    """The un-damped block's eigenvalues in kernel layout: S for EKFAC/TEKFAC, else section 2's
-    S_KFAC = outer(eig A, eig G) or S_TKFAC = delta outer(eig Phi, eig Psi)."""
+    """The un-damped block's eigenvalues in kernel layout (docs/algorithms.md, section 2).
+
+    S for EKFAC/TEKFAC, else S_KFAC = outer(eig A, eig G) or
+    S_TKFAC = delta outer(eig Phi, eig Psi).
+
+    Example:
+      >>> opt = tekfax.kfac(learning_rate=1e-2, damping=1e-3)
+      >>> _, opt_state = opt.update(grads, opt.init(params), params, stats=out.stats)
+      >>> layer = tekfax.kronecker.find_kronecker_state(opt_state).layers["Dense_1"]
+      >>> tekfax.diagnostics.undamped_diagonal(layer).shape    # (d_in, d_out)
+      (17, 3)
+    """
     if layer.rescale is not None:
         return layer.rescale
     return eigen_diagonal(layer.eig_in, layer.eig_out, layer.delta)
@@ -44,7 +60,15 @@ def approx_fisher_blocks(opt_state: Any) -> Any:
     """Dense un-damped approximate Fisher block per layer, as the optimizer holds it.
 
     KFAC: A (x) G; TKFAC: delta Phi (x) Psi; EKFAC/TEKFAC: Q diag(S) Q^T; all built from the
-    cached eigendecomposition the preconditioner uses. Returns a nested dict like ``stats``.
+    cached eigendecomposition the preconditioner uses (docs/algorithms.md, section 2).
+    Returns a nested dict like ``stats``.
+
+    Example:
+      >>> opt = tekfax.kfac(learning_rate=1e-2, damping=1e-3)
+      >>> _, opt_state = opt.update(grads, opt.init(params), params, stats=out.stats)
+      >>> blocks = tekfax.diagnostics.approx_fisher_blocks(opt_state)
+      >>> blocks["Dense_0"].shape, blocks["Dense_1"].shape
+      ((80, 80), (51, 51))
     """
     state = find_kronecker_state(opt_state)
     return nest_by_name(
@@ -59,7 +83,16 @@ def damped_fisher_blocks(opt_state: Any) -> Any:
     """Dense damped block per layer: exactly the matrix whose inverse the last update applied.
 
     The preconditioned gradient of ``scale_by_X`` equals, layer by layer,
-    ``solve(damped_block, ravelled_grad)``.
+    ``solve(damped_block, ravelled_grad)`` (docs/algorithms.md, sections 4 and 5).
+
+    Example:
+      >>> opt = tekfax.kfac(learning_rate=1e-2, damping=1e-3)
+      >>> _, opt_state = opt.update(grads, opt.init(params), params, stats=out.stats)
+      >>> damped = tekfax.diagnostics.damped_fisher_blocks(opt_state)
+      >>> undamped = tekfax.diagnostics.approx_fisher_blocks(opt_state)
+      >>> bool(jnp.linalg.eigvalsh(damped["Dense_1"]).min()
+      ...      > jnp.linalg.eigvalsh(undamped["Dense_1"]).min())
+      True
     """
     state = find_kronecker_state(opt_state)
     return nest_by_name(
@@ -87,6 +120,42 @@ def _output_fisher(loss: str, logits: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.eye(flat.shape[1], dtype=flat.dtype), (n,) + 2 * flat.shape[1:])
 
 
+def _residuals(
+    loss: str, fisher: str, logits: jax.Array, targets: jax.Array, rng: Any, num_samples: int
+) -> jax.Array:
+    """r_n = d l_n / d f per draw and example, (draws, N, outputs): data or sampled labels."""
+    n = logits.shape[0]
+    loss_fn = functools.partial(losses.mean_loss, loss)
+    if fisher == "empirical":
+        residuals = n * jax.grad(loss_fn)(logits, targets)[None]
+    else:
+        keys = jax.random.split(rng, num_samples)
+        residuals = jnp.stack(
+            [
+                n * jax.grad(loss_fn)(logits, losses.sample_targets(loss, key, logits))
+                for key in keys
+            ]
+        )
+    return residuals.reshape(residuals.shape[:2] + (-1,))
+
+
+def _layer_jacobian(flat_jac: Mapping[str, jax.Array], name: str, logits: jax.Array) -> jax.Array:
+    """J_n of one layer, (N, outputs, parameters), its columns ordered like ``ravel_pytree``."""
+    prefix = f"{name}/" if name else ""
+    parts = [flat_jac[prefix + k] for k in ("bias", "kernel") if prefix + k in flat_jac]
+    n = logits.shape[0]
+    return jnp.concatenate([p.reshape(n, logits[0].size, -1) for p in parts], axis=-1)
+
+
+def _fisher_block(j: jax.Array, residuals: jax.Array | None, h: jax.Array | None) -> jax.Array:
+    """E_n[J_n^T r r^T J_n]: over the draws of ``residuals``, or with E_y[r r^T] = ``h``."""
+    n = j.shape[0]
+    if residuals is None:
+        return jnp.einsum("ncp,ncd,ndq->pq", j, h.astype(j.dtype), j) / n
+    g = jnp.einsum("ncp,snc->snp", j, residuals.astype(j.dtype))
+    return jnp.einsum("snp,snq->pq", g, g) / (g.shape[0] * n)
+
+
 def exact_fisher_blocks(
     logits_fn: Callable[[Any], jax.Array],
     params: Any,
@@ -102,7 +171,7 @@ def exact_fisher_blocks(
     Per-example gradients are J_n^T r_n, with J the Jacobian of the logits with respect to
     the parameters (``jax.jacrev``) and r_n = d l_n / d f. The block of a layer is
     F = E_n[vec(gradW_n) vec(gradW_n)^T] over its parameters, ordered like
-    ``ravel_pytree``. ``fisher``:
+    ``ravel_pytree`` (docs/algorithms.md, section 2). ``fisher``:
 
     * ``"empirical"``: r_n at the data labels;
     * ``"sampled"``: r_n at labels drawn exactly as :func:`tekfax.loss_and_curvature` draws
@@ -111,8 +180,13 @@ def exact_fisher_blocks(
 
     Models that couple examples (BatchNorm in training mode) have no per-example gradient;
     use them in inference mode here.
+
+    Example:
+      >>> exact = tekfax.diagnostics.exact_fisher_blocks(logits_fn, params, y, fisher="expected")
+      >>> exact["Dense_0"].shape, exact["Dense_1"].shape
+      ((80, 80), (51, 51))
     """
-    if fisher not in ("sampled", "empirical", "expected"):
+    if fisher not in EXACT_FISHER_MODES:
         raise ValueError(
             f"tekfax: unknown fisher={fisher!r}; choose 'sampled', 'empirical' or 'expected'."
         )
@@ -122,44 +196,38 @@ def exact_fisher_blocks(
     names = sorted(discover_layers(logits_fn, params))
     logits = logits_fn(params)
     check_targets(loss, logits, targets)
-    n = logits.shape[0]
-    jac = jax.jacrev(logits_fn)(params)
-    loss_fn = functools.partial(losses.mean_loss, loss)
-    if fisher == "empirical":
-        residuals = n * jax.grad(loss_fn)(logits, targets)[None]
-    elif fisher == "sampled":
-        keys = jax.random.split(rng, num_samples)
-        residuals = jnp.stack(
-            [
-                n * jax.grad(loss_fn)(logits, losses.sample_targets(loss, key, logits))
-                for key in keys
-            ]
-        )
-    residuals = None if fisher == "expected" else residuals.reshape(residuals.shape[:2] + (-1,))
-
-    blocks = {}
-    for name in names:
-        node = jac
-        for key in name.split("/") if name else ():
-            node = node[key]
-        parts = [node[k] for k in ("bias", "kernel") if k in node]
-        j = jnp.concatenate([p.reshape(n, logits[0].size, -1) for p in parts], axis=-1)
-        if fisher == "expected":
-            h = _output_fisher(loss, logits).astype(j.dtype)
-            blocks[name] = jnp.einsum("ncp,ncd,ndq->pq", j, h, j) / n
-        else:
-            g = jnp.einsum("ncp,snc->snp", j, residuals.astype(j.dtype))
-            blocks[name] = jnp.einsum("snp,snq->pq", g, g) / (g.shape[0] * n)
-    return nest_by_name(blocks)
+    flat_jac = flatten_by_name(jax.jacrev(logits_fn)(params))
+    if fisher == "expected":
+        residuals, h = None, _output_fisher(loss, logits)
+    else:
+        residuals, h = _residuals(loss, fisher, logits, targets, rng, num_samples), None
+    return nest_by_name(
+        {
+            name: _fisher_block(_layer_jacobian(flat_jac, name, logits), residuals, h)
+            for name in names
+        }
+    )
 
 
 def approximation_errors(approx: Any, exact_blocks: Any, *, damped: bool = False) -> Any:
-    """Frobenius errors |F - F_approx|_F per layer, as a nested dict of scalars.
+    """Frobenius errors ``|F - F_approx|_F`` per layer, as a nested dict of scalars.
 
     Args:
       approx: an optimizer state (its :func:`approx_fisher_blocks`, or
         :func:`damped_fisher_blocks` with ``damped=True``) or a blocks tree.
       exact_blocks: the reference, e.g. from :func:`exact_fisher_blocks`.
+      damped: compare the damped blocks of an optimizer state instead.
+
+    Returns:
+      A nested dict like ``exact_blocks`` of scalar errors.
+
+    Example:
+      >>> opt = tekfax.kfac(learning_rate=1e-2, damping=1e-3)
+      >>> _, opt_state = opt.update(grads, opt.init(params), params, stats=out.stats)
+      >>> exact = tekfax.diagnostics.exact_fisher_blocks(logits_fn, params, y, rng=rng)
+      >>> errors = tekfax.diagnostics.approximation_errors(opt_state, exact)
+      >>> sorted(errors), errors["Dense_1"].shape
+      (['Dense_0', 'Dense_1'], ())
     """
     if not isinstance(approx, Mapping | jax.Array):
         approx = damped_fisher_blocks(approx) if damped else approx_fisher_blocks(approx)

@@ -1,13 +1,37 @@
-"""Eigenbasis refresh: symmetrised ``eigh`` with eigenvalues clipped at 0 (section 3)."""
+"""Eigenbasis refresh: symmetrised ``eigh`` with eigenvalues clipped at 0.
+
+docs/algorithms.md, section 3: every ``eigen_every`` steps (and on step 0) each layer's
+factor estimates are eigendecomposed; the result is the layer's :class:`Eigenbasis`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
+
+from tekfax.curvature import Factors
+
+
+class Eigenbasis(NamedTuple):
+    """One layer's eigenbasis at the last refresh (kernel layout).
+
+    Attributes:
+      q_in, eig_in: eigenvectors (columns) and clipped eigenvalues of the input factor.
+      q_out, eig_out: the same for the output factor.
+      delta: TKFAC/TEKFAC only, tr M_Phi of the estimate; None for KFAC.
+    """
+
+    q_in: jax.Array
+    eig_in: jax.Array
+    q_out: jax.Array
+    eig_out: jax.Array
+    delta: jax.Array | None
+
 
 # Relative jitter added to the diagonal when eigh fails to converge (returns NaN).
 _JITTER = 1e-6
@@ -128,6 +152,12 @@ def eigh_psd(matrices: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``lax.cond`` that costs nothing when all is well; a factor that still fails, or is not
     finite, gets the identity basis with zero eigenvalues, so its layer falls back to damping
     alone instead of poisoning the optimizer state.
+
+    Example:
+      >>> from tekfax.eigenbasis import eigh_psd
+      >>> values, vectors = eigh_psd(jnp.array([[2.0, 0.0], [0.0, -1e-9]]))
+      >>> values
+      Array([0., 2.], dtype=float32)
     """
     return _eigh_all([matrices])[0]
 
@@ -144,6 +174,12 @@ def eigh_psd_grouped(
     has more than one device, each device decomposes a share of every same-shaped stack
     and the results are all-gathered (KAISA's distributed inversion); the results equal
     the undistributed ones, and a one-device axis takes the undistributed path.
+
+    Example:
+      >>> from tekfax.eigenbasis import eigh_psd_grouped
+      >>> out = eigh_psd_grouped({"a": jnp.eye(2), "b": 3 * jnp.eye(2)})
+      >>> out["b"][0]
+      Array([3., 3.], dtype=float32)
     """
     groups: dict[tuple, list[Hashable]] = {}
     for key, m in matrices.items():
@@ -157,4 +193,37 @@ def eigh_psd_grouped(
     for keys, (values, vectors) in zip(groups.values(), decomposed, strict=True):
         for i, key in enumerate(keys):
             out[key] = (values[i], vectors[i])
+    return out
+
+
+def refresh(
+    estimates: Mapping[str, Factors],
+    with_trace: bool,
+    mesh: Mesh | None = None,
+    axis_name: str = "data",
+) -> dict[str, Eigenbasis]:
+    """Every layer's :class:`Eigenbasis` from its factor estimates (docs/algorithms.md, s. 3).
+
+    Q_in diag(eig_in) Q_in^T reproduces the (symmetrised, PSD-clipped) input estimate, and
+    likewise for the output one; all factors of one shape are decomposed in one batched
+    call (:func:`eigh_psd_grouped`, spread over ``mesh`` when given). ``with_trace``
+    (TKFAC/TEKFAC) also keeps delta = tr M_Phi, so Phi = M_Phi / delta (TKFAC Eq. 8).
+
+    Example:
+      >>> from tekfax.curvature import Factors
+      >>> from tekfax.eigenbasis import refresh
+      >>> bases = refresh({"Dense_0": Factors(jnp.diag(jnp.array([1.0, 2.0])), jnp.eye(3))},
+      ...                 with_trace=True)
+      >>> bases["Dense_0"].eig_in, bases["Dense_0"].delta
+      (Array([1., 2.], dtype=float32), Array(3., dtype=float32))
+    """
+    matrices = {}
+    for k, factors in estimates.items():
+        matrices[k, "in"], matrices[k, "out"] = factors.inp, factors.out
+    decomposed = eigh_psd_grouped(matrices, mesh, axis_name)
+    out = {}
+    for k, factors in estimates.items():
+        (eig_in, q_in), (eig_out, q_out) = decomposed[k, "in"], decomposed[k, "out"]
+        delta = jnp.trace(factors.inp) if with_trace else None
+        out[k] = Eigenbasis(q_in, eig_in, q_out, eig_out, delta)
     return out

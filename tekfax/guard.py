@@ -9,7 +9,6 @@ up: a non-finite step returns zero updates and the old inner state, and counts t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -43,6 +42,31 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
+def _guarded_update(inner: optax.GradientTransformationExtraArgs):
+    """The update of :func:`skip_non_finite`: zero updates and the old state when non-finite."""
+
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        checked = [updates, new_updates, new_inner]
+        if extra_args.get("stats") is not None:
+            checked.append(extra_args["stats"])
+        finite = jnp.all(jnp.stack([_all_finite(tree) for tree in checked]))
+        out_updates = jax.tree_util.tree_map(
+            lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
+        )
+        out_inner = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
+        )
+        return out_updates, SkipNonFiniteState(
+            inner_state=out_inner,
+            skipped=state.skipped + jnp.logical_not(finite).astype(jnp.int32),
+            consecutive=jnp.where(finite, 0, state.consecutive + 1).astype(jnp.int32),
+            last_finite=finite,
+        )
+
+    return update_fn
+
+
 def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Skips every step whose inputs or results are not finite; counts the skips.
 
@@ -53,7 +77,6 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
     selected with ``jnp.where`` over the whole state, so the factors, eigenbases, S, moments
     and step counts are exactly those before the step. Extra arguments pass through to
     ``inner``, so the wrapper composes in ``optax.chain`` and jits with one compilation.
-
     Unlike ``optax.apply_if_finite`` there is no limit on consecutive skips: a run that
     only produces NaN stops moving rather than being poisoned; watch
     :func:`skipped_steps` (or ``state.consecutive``) to notice it.
@@ -66,10 +89,11 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
 
     Example:
       >>> opt = tekfax.skip_non_finite(tekfax.kfac(1e-3, damping=1e-3))
-      >>> state = opt.init(params)  # doctest: +SKIP
-      >>> updates, state = opt.update(grads, state, params, stats=stats)  # doctest: +SKIP
-      >>> int(tekfax.skipped_steps(state))  # doctest: +SKIP
-      0
+      >>> opt_state = opt.init(params)
+      >>> nan_grads = jax.tree.map(lambda g: g * jnp.nan, out.grads)
+      >>> updates, opt_state = opt.update(nan_grads, opt_state, params, stats=out.stats)
+      >>> int(tekfax.skipped_steps(opt_state)), float(updates["Dense_0"]["bias"].sum())
+      (1, 0.0)
 
     References:
       ``optax.apply_if_finite``
@@ -90,42 +114,21 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
             last_finite=jnp.ones([], jnp.bool_),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        checked = [updates, new_updates, new_inner]
-        if extra_args.get("stats") is not None:
-            checked.append(extra_args["stats"])
-        finite = jnp.all(jnp.stack([_all_finite(tree) for tree in checked]))
-        out_updates = jax.tree_util.tree_map(
-            lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
-        )
-        out_inner = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
-        )
-        skip = jnp.logical_not(finite).astype(jnp.int32)
-        return out_updates, SkipNonFiniteState(
-            inner_state=out_inner,
-            skipped=state.skipped + skip,
-            consecutive=jnp.where(finite, 0, state.consecutive + 1).astype(jnp.int32),
-            last_finite=finite,
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _guarded_update(inner))
 
 
 def find_guard_state(opt_state: Any) -> SkipNonFiniteState | None:
-    """The outermost ``SkipNonFiniteState`` inside an optimizer state, or None."""
-    if isinstance(opt_state, SkipNonFiniteState):
-        return opt_state
-    if isinstance(opt_state, Mapping):
-        children = list(opt_state.values())
-    else:
-        children = list(opt_state) if isinstance(opt_state, tuple | list) else []
-    for child in children:
-        found = find_guard_state(child)
-        if found is not None:
-            return found
-    return None
+    """The outermost ``SkipNonFiniteState`` inside an optimizer state, or None.
+
+    Example:
+      >>> from tekfax.guard import find_guard_state
+      >>> opt_state = optax.chain(tekfax.skip_non_finite(optax.sgd(0.1))).init(params)
+      >>> int(find_guard_state(opt_state).skipped)
+      0
+    """
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, SkipNonFiniteState.__name__)
+    found = [state for _, state in found if isinstance(state, SkipNonFiniteState)]
+    return found[0] if found else None
 
 
 def skipped_steps(opt_state: Any) -> jax.Array:
@@ -134,7 +137,10 @@ def skipped_steps(opt_state: Any) -> jax.Array:
     The state may be the wrapper's own or contain it (a chain, ``inject_hyperparams``).
 
     Example:
-      >>> int(tekfax.skipped_steps(opt_state))  # doctest: +SKIP
+      >>> opt = tekfax.skip_non_finite(tekfax.tekfac(learning_rate=1e-3, damping=1e-3))
+      >>> opt_state = opt.init(params)
+      >>> updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+      >>> int(tekfax.skipped_steps(opt_state))
       0
     """
     found = find_guard_state(opt_state)

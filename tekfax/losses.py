@@ -1,4 +1,4 @@
-"""Losses and their model-distribution samplers (ALGORITHMS.md section 1).
+"""Losses and their model-distribution samplers (docs/algorithms.md, section 1).
 
 Each loss is a negative log-likelihood l_n = -log p(y_n | f(x_n)). The per-example loss sums
 over every non-batch axis of the outputs (positions and output units), so l_n is the
@@ -24,6 +24,14 @@ LOSSES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy", "squared_erro
 
 
 def check_loss(loss: str) -> None:
+    """Raises ``ValueError`` for a loss name that is not one of :data:`LOSSES`.
+
+    Example:
+      >>> tekfax.losses.check_loss("hinge")
+      Traceback (most recent call last):
+      ...
+      ValueError: tekfax: unknown loss 'hinge'; choose one of softmax_cross_entropy, ...
+    """
     if loss not in LOSSES:
         raise ValueError(f"tekfax: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
 
@@ -38,20 +46,37 @@ def _per_element(loss: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 
 def per_example_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """l_n for every example: the per-element loss summed over all non-batch axes."""
+    """l_n for every example: the per-element loss summed over all non-batch axes.
+
+    Example:
+      >>> tekfax.losses.per_example_loss("softmax_cross_entropy", logits_fn(params), y).shape
+      (8,)
+    """
     values = _per_element(loss)(outputs, targets)
     return values.reshape(values.shape[0], -1).sum(axis=1)
 
 
 def mean_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """The training loss: the batch mean of l_n."""
+    """The training loss: the batch mean of l_n, in float32 or wider.
+
+    Example:
+      >>> loss = tekfax.losses.mean_loss("softmax_cross_entropy", logits_fn(params), y)
+      >>> bool(jnp.allclose(loss, out.loss))
+      True
+    """
     return per_example_loss(
         loss, outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32)), targets
     ).mean()
 
 
 def sample_targets(loss: str, rng: jax.Array, outputs: jax.Array) -> jax.Array:
-    """Draws y ~ p(. | f(x)) from the model's predictive distribution (true Fisher)."""
+    """Draws y ~ p(. | f(x)) from the model's predictive distribution (true Fisher).
+
+    Example:
+      >>> labels = tekfax.losses.sample_targets("softmax_cross_entropy", rng, logits_fn(params))
+      >>> labels.shape, labels.dtype
+      ((8,), dtype('int32'))
+    """
     check_loss(loss)
     outputs = jax.lax.stop_gradient(outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32)))
     if loss == "softmax_cross_entropy":

@@ -1,10 +1,10 @@
-"""Layer matrices: inputs a_{n,t} and output gradients u_{n,t} (ALGORITHMS.md section 1).
+"""Layer matrices: inputs a_{n,t} and output gradients u_{n,t} (docs/algorithms.md, section 1).
 
 Conventions used everywhere in tekfax:
 
 * a layer's gradient is held in *kernel layout*, a (d_in, d_out) matrix whose rows are the
   kernel's input features flattened row-major (for a convolution: kernel offsets, then input
-  channels) with the bias as row 0. It is gradW^T in the notation of ALGORITHMS.md.
+  channels) with the bias as row 0. It is gradW^T in the notation of docs/algorithms.md.
 * the homogeneous 1 is *prepended* to every input vector rather than appended. The algebra is
   unchanged under that permutation, and it makes ``matrix.ravel()`` equal to
   ``jax.flatten_util.ravel_pytree({"bias": b, "kernel": k})[0]``, the ordering the
@@ -67,7 +67,14 @@ def _conv_patches(inputs: jax.Array, meta: LayerMeta) -> jax.Array:
 
 
 def input_matrix(inputs: jax.Array, meta: LayerMeta) -> jax.Array:
-    """a_{n,t}: (N, T, d_in), with a leading 1 when the layer has a bias."""
+    """a_{n,t}: (N, T, d_in), with a leading 1 when the layer has a bias.
+
+    Example:
+      >>> st = out.stats["Dense_0"]
+      >>> a = tekfax.patches.input_matrix(st.inputs, st.meta)
+      >>> a.shape, bool((a[..., 0] == 1).all())
+      ((8, 1, 5), True)
+    """
     if meta.is_conv:
         a = _conv_patches(inputs, meta)
     else:
@@ -78,7 +85,12 @@ def input_matrix(inputs: jax.Array, meta: LayerMeta) -> jax.Array:
 
 
 def output_matrix(out_grads: jax.Array) -> jax.Array:
-    """u_{n,t}: (num_samples, N, T, d_out) from (num_samples, N, ..., d_out)."""
+    """u_{n,t}: (num_samples, N, T, d_out) from (num_samples, N, ..., d_out).
+
+    Example:
+      >>> tekfax.patches.output_matrix(out.stats["Dense_0"].out_grads).shape
+      (1, 8, 1, 16)
+    """
     return out_grads.reshape(out_grads.shape[0], out_grads.shape[1], -1, out_grads.shape[-1])
 
 
@@ -96,6 +108,12 @@ def chunking(n: int, per_example: int) -> tuple[int, int, int]:
     chunk = 1). With several blocks, chunk divides the block (no padding, nothing moves
     between devices); on one device a batch size with no fitting divisor gets balanced
     chunks, the last one padded.
+
+    Example:
+      >>> tekfax.patches.chunking(8, per_example=100)      # one chunk
+      (1, 8, 1)
+      >>> tekfax.patches.chunking(1000, per_example=1 << 14)   # <= 256 examples a chunk
+      (1, 250, 4)
     """
     target = max(1, min(n, CHUNK_ELEMENTS // max(per_example, 1)))
     if target == n:
@@ -128,6 +146,15 @@ def sum_over_examples(
     own examples and the blocks are added once at the end: one all-reduce per statistic,
     however many chunks. Padding examples are zero rows (bias included); results are
     weighted chunk / N. One chunk calls ``fn`` directly.
+
+    Example:
+      >>> st = out.stats["Dense_0"]
+      >>> def factor_a(a, u):       # A = sum_n a_n a_n^T / N over locations
+      ...     return jnp.einsum("ntd,nte->de", a, a) / a.shape[0]
+      >>> a_factor = tekfax.patches.sum_over_examples(
+      ...     factor_a, st.inputs, st.out_grads, st.meta, jnp.float32, per_example=25)
+      >>> a_factor.shape
+      (5, 5)
     """
     n = inputs.shape[0]
     blocks, chunk, chunks = chunking(n, per_example)
@@ -161,12 +188,23 @@ def sum_over_examples(
 
 
 def locations(out_grads: jax.Array) -> int:
-    """T: output locations per example (spatial positions times leading axes)."""
+    """T: output locations per example (spatial positions times leading axes).
+
+    Example:
+      >>> tekfax.patches.locations(out.stats["Dense_0"].out_grads)    # a Dense layer: 1
+      1
+    """
     return math.prod(out_grads.shape[2:-1])
 
 
 def grad_matrix(layer_grads: Mapping[str, jax.Array], dtype: jnp.dtype) -> jax.Array:
-    """A layer's {"bias", "kernel"} gradient as a (d_in, d_out) matrix, bias in row 0."""
+    """A layer's {"bias", "kernel"} gradient as a (d_in, d_out) matrix, bias in row 0.
+
+    Example:
+      >>> m = tekfax.patches.grad_matrix(grads["Dense_0"], jnp.float32)
+      >>> m.shape, bool((m[0] == grads["Dense_0"]["bias"]).all())
+      ((5, 16), True)
+    """
     kernel = layer_grads["kernel"]
     rows = kernel.reshape(-1, kernel.shape[-1]).astype(dtype)
     if "bias" in layer_grads:
@@ -175,7 +213,14 @@ def grad_matrix(layer_grads: Mapping[str, jax.Array], dtype: jnp.dtype) -> jax.A
 
 
 def matrix_to_grads(matrix: jax.Array, like: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Inverse of :func:`grad_matrix`, casting back to the dtypes of ``like``."""
+    """Inverse of :func:`grad_matrix`, casting back to the dtypes of ``like``.
+
+    Example:
+      >>> m = tekfax.patches.grad_matrix(grads["Dense_0"], jnp.float32)
+      >>> back = tekfax.patches.matrix_to_grads(m, grads["Dense_0"])
+      >>> bool((back["kernel"] == grads["Dense_0"]["kernel"]).all())
+      True
+    """
     kernel = like["kernel"]
     out = {}
     if "bias" in like:

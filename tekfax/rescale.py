@@ -1,4 +1,4 @@
-"""Rescale: the eigenvalue-corrected diagonal S of EKFAC/TEKFAC (ALGORITHMS.md section 2).
+"""Rescale: the eigenvalue-corrected diagonal S of EKFAC/TEKFAC (docs/algorithms.md, s. 2-3).
 
 S is held in kernel layout, (d_in, d_out): S[i, o] = E_n[(Q_in^T gradW_n^T Q_out)[i, o]^2],
 the transpose of the paper's (d_out, d_in) matrix.
@@ -9,13 +9,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tekfax.curvature import eigen_diagonal, ema
+from tekfax.eigenbasis import Eigenbasis
+
 CONV_RESCALE = ("per_example", "per_location")
 
 
 def per_location(ap: jax.Array, up: jax.Array) -> jax.Array:
     """S = E_n[sum_t ((Q_in^T a_t)^2) ((Q_out^T u_t)^2)^T] = diag(Q^T F1 Q).
 
-    For T = 1 this is also the exact per-example S: gradW_n = u a^T has rank one (section 8).
+    ``ap`` = a Q_in and ``up`` = u Q_out are the projected layer matrices. For T = 1 this
+    is also the exact per-example S: gradW_n = u a^T has rank one (docs/algorithms.md,
+    section 8).
+
+    Example:
+      >>> from tekfax.rescale import per_location
+      >>> per_location(jnp.ones((2, 1, 3)), jnp.ones((1, 2, 1, 2))).shape
+      (3, 2)
     """
     samples, n = up.shape[:2]
     return jnp.einsum("nti,snto->io", ap * ap, up * up) / (samples * n)
@@ -34,7 +44,13 @@ def _per_example_sum(
 
 
 def project_first(t: int, d_in: int, d_out: int) -> bool:
-    """Whether projecting a and u before the product costs fewer flops (section 8)."""
+    """Whether projecting a and u before the product costs fewer flops (docs/algorithms.md, s. 8).
+
+    Example:
+      >>> from tekfax.rescale import project_first
+      >>> project_first(1, 64, 10), project_first(1024, 64, 10)
+      (True, False)
+    """
     return t * (d_in * d_in + d_out * d_out + d_in * d_out) <= (
         t * d_in * d_out + d_in * d_in * d_out + d_in * d_out * d_out
     )
@@ -45,6 +61,13 @@ def per_example(a: jax.Array, u: jax.Array, q_in: jax.Array, q_out: jax.Array) -
 
     Projects first or multiplies first, whichever costs fewer flops. Memory is bounded by the
     caller streaming chunks of examples (:func:`tekfax.patches.sum_over_examples`).
+    EKFAC (George et al. 2018); docs/algorithms.md, section 2.
+
+    Example:
+      >>> from tekfax.rescale import per_example
+      >>> a, u = jnp.ones((2, 3, 4)), jnp.ones((1, 2, 3, 2))  # T = 3 positions
+      >>> float(per_example(a, u, jnp.eye(4), jnp.eye(2))[0, 0])
+      9.0
     """
     samples, n, t, d_out = u.shape
     first = project_first(t, a.shape[-1], d_out)
@@ -52,7 +75,13 @@ def per_example(a: jax.Array, u: jax.Array, q_in: jax.Array, q_out: jax.Array) -
 
 
 def elements_per_example(samples: int, t: int, d_in: int, d_out: int, mode: str) -> int:
-    """Elements :func:`batch_rescale` holds per example (for chunking the batch)."""
+    """Elements :func:`batch_rescale` holds per example (for chunking the batch).
+
+    Example:
+      >>> from tekfax.rescale import elements_per_example
+      >>> elements_per_example(1, 1, 5, 3, "per_example")
+      16
+    """
     matrices = t * (d_in + samples * d_out)
     if t == 1 or mode == "per_location":
         return 2 * matrices
@@ -62,7 +91,40 @@ def elements_per_example(samples: int, t: int, d_in: int, d_out: int, mode: str)
 def batch_rescale(
     a: jax.Array, u: jax.Array, q_in: jax.Array, q_out: jax.Array, mode: str
 ) -> jax.Array:
-    """S_batch for one layer; ``mode`` matters only when T > 1 (convolutions, sequences)."""
+    """S_batch for one layer; ``mode`` matters only when T > 1 (convolutions, sequences).
+
+    Example:
+      >>> from tekfax.rescale import batch_rescale
+      >>> s = batch_rescale(jnp.ones((2, 1, 3)), jnp.ones((1, 2, 1, 2)), jnp.eye(3), jnp.eye(2),
+      ...                   "per_example")
+      >>> s.shape
+      (3, 2)
+    """
     if a.shape[1] == 1 or mode == "per_location":
         return per_location(a @ q_in, u @ q_out)
     return per_example(a, u, q_in, q_out)
+
+
+def update(
+    old: jax.Array, batch: jax.Array, basis: Eigenbasis, refreshed: jax.Array, decay: jax.Array
+) -> jax.Array:
+    """S after one batch: S <- eps_S base + (1 - eps_S) S_batch (docs/algorithms.md, s. 3).
+
+    ``base`` is the old S, or on a refresh step (``refreshed``) the un-corrected diagonal
+    S_init in the new basis (S_KFAC, or S_TKFAC when ``basis.delta`` is set), since a stale S
+    belongs to the old basis (George et al. 2018). A non-finite ``batch`` is
+    rejected: S = base.
+
+    Example:
+      >>> from tekfax.eigenbasis import Eigenbasis
+      >>> from tekfax.rescale import update
+      >>> basis = Eigenbasis(jnp.eye(2), jnp.array([1.0, 2.0]), jnp.eye(1), jnp.array([4.0]),
+      ...                    None)
+      >>> update(jnp.zeros((2, 1)), jnp.full((2, 1), jnp.nan), basis, jnp.array(True), 0.9)
+      Array([[4.],
+             [8.]], dtype=float32)
+    """
+    s_init = eigen_diagonal(basis.eig_in, basis.eig_out, basis.delta)
+    base = jnp.where(refreshed, s_init, old)
+    finite = jnp.all(jnp.isfinite(batch))
+    return jnp.where(finite, ema(base, batch, decay), base)

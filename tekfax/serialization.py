@@ -22,7 +22,11 @@ def state_to_bytes(opt_state: Any) -> bytes:
     """The optimizer state (any pytree of NamedTuples, dicts and arrays) as msgpack bytes.
 
     Example:
-      >>> data = tekfax.state_to_bytes(opt_state)  # doctest: +SKIP
+      >>> opt = tekfax.kfac(learning_rate=1e-2, damping=1e-3)
+      >>> _, opt_state = opt.update(grads, opt.init(params), params, stats=out.stats)
+      >>> data = tekfax.state_to_bytes(opt_state)
+      >>> isinstance(data, bytes)
+      True
     """
     return flax.serialization.to_bytes(jax.device_get(opt_state))
 
@@ -40,6 +44,15 @@ def check_state_dict(target: Any, saved: Any, path: str = "opt_state") -> None:
 
     Both are state dicts (``flax.serialization.to_state_dict``); the message names the
     path, e.g. ``opt_state/inner_state/0/layers/Dense_0/rescale``.
+
+    Example:
+      >>> target = {"Dense_0": {"kernel": jnp.zeros((4, 16))}}
+      >>> saved = {"Dense_0": {"kernel": jnp.zeros((4, 32))}}    # a wider layer
+      >>> tekfax.serialization.check_state_dict(target, saved)
+      Traceback (most recent call last):
+      ...
+      ValueError: tekfax: opt_state/Dense_0/kernel: the saved state holds an array of shape
+      (4, 32) and dtype float32, this optimizer expects an array of shape (4, 16) ...
     """
     hint = (
         "The saved state belongs to an optimizer with other settings (preset, nu, model "
@@ -83,7 +96,12 @@ def state_from_bytes(target: Any, data: bytes) -> Any:
     model raises a ``ValueError`` naming the first differing path.
 
     Example:
-      >>> opt_state = tekfax.state_from_bytes(opt.init(params), data)  # doctest: +SKIP
+      >>> opt = tekfax.kfac(learning_rate=1e-2, damping=1e-3)
+      >>> _, opt_state = opt.update(grads, opt.init(params), params, stats=out.stats)
+      >>> data = tekfax.state_to_bytes(opt_state)
+      >>> restored = tekfax.state_from_bytes(opt.init(params), data)
+      >>> jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, restored, opt_state))
+      True
     """
     if not isinstance(data, bytes | bytearray):
         raise TypeError(

@@ -42,6 +42,11 @@ class LayerMeta:
       padding: explicit ``(low, high)`` padding per spatial axis, ``()`` for Dense.
       dilation: kernel dilation per spatial axis, ``()`` for Dense.
       has_bias: whether the layer has a bias (folded in as a leading input of 1).
+
+    Example:
+      >>> meta = out.stats["Dense_0"].meta
+      >>> meta.kind, meta.in_features, meta.out_features, meta.d_in, meta.d_out
+      ('dense', 4, 16, 5, 16)
     """
 
     name: str
@@ -56,7 +61,10 @@ class LayerMeta:
 
     @property
     def d_in(self) -> int:
-        """Rows of the layer matrix: patch length plus one for the bias (section 1)."""
+        """Rows of the layer matrix: patch length plus one for the bias.
+
+        See docs/algorithms.md, section 1.
+        """
         patch = self.in_features
         for k in self.kernel_size:
             patch *= k
@@ -150,7 +158,15 @@ def _dense_meta(module: nn.Dense, name: str, inputs: jax.Array) -> LayerMeta:
 
 
 def layer_meta(module: nn.Module, inputs: jax.Array) -> LayerMeta:
-    """Validates a tagged module and returns its static metadata."""
+    """Validates a tagged module and returns its static metadata.
+
+    Example:
+      >>> layer = nn.Conv(8, (3, 3), strides=2).bind(
+      ...     {"params": {"kernel": jnp.zeros((3, 3, 1, 8)), "bias": jnp.zeros(8)}})
+      >>> meta = tekfax.tagging.layer_meta(layer, jnp.zeros((2, 6, 6, 1)))
+      >>> meta.kind, meta.kernel_size, meta.strides, meta.padding, meta.d_in
+      ('conv', (3, 3), (2, 2), ((0, 1), (0, 1)), 10)
+    """
     name = "/".join(module.scope.path)
     if isinstance(module, nn.Conv):
         return _conv_meta(module, name, inputs)
@@ -225,7 +241,12 @@ class _Interceptor:
 
 
 def stat_dtype(dtype: Any) -> jnp.dtype:
-    """Statistics are kept in float32 or wider, whatever the parameter dtype."""
+    """Statistics are kept in float32 or wider, whatever the parameter dtype.
+
+    Example:
+      >>> tekfax.tagging.stat_dtype(jnp.bfloat16), tekfax.tagging.stat_dtype(jnp.float64)
+      (dtype('float32'), dtype('float64'))
+    """
     return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -243,9 +264,11 @@ def tag_layers(
 
     Example:
       >>> with tekfax.tag_layers() as layers:
-      ...     jax.eval_shape(lambda: model.apply(variables, x))  # doctest: +SKIP
-      >>> sorted(layers)  # doctest: +SKIP
-      ['Conv_0', 'Dense_0']
+      ...     _ = jax.eval_shape(logits_fn, params)
+      >>> sorted(layers)
+      ['Dense_0', 'Dense_1']
+      >>> layers["Dense_1"].meta.in_features, layers["Dense_1"].outputs.shape
+      (16, (8, 3))
     """
     if probes is not None and not isinstance(probes, Mapping):
         raise TypeError(

@@ -1,4 +1,4 @@
-"""Independent formulas of ALGORITHMS.md sections 2-4, and shared runners for the maths tests.
+"""Independent formulas of docs/algorithms.md, sections 2-4, and shared runners for the maths tests.
 
 Everything here is plain numpy on the layer matrices a (N, T, d_in) and u (S, N, T, d_out)
 of :mod:`tekfax.patches`, in the kernel-layout ordering: a layer's ravelled parameters
@@ -20,12 +20,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import reference
 from jax.flatten_util import ravel_pytree
-from models import MLP
 
 import tekfax
 from tekfax.patches import input_matrix, output_matrix
+from tests import conftest, reference
+from tests.models import MLP
 
 
 class Zoo(nn.Module):
@@ -98,16 +98,10 @@ MODELS = {
     "dampnet": (DampNet(), (4, 29), 3),
 }
 
-PRESETS = {
-    "kfac": tekfax.scale_by_kfac,
-    "ekfac": tekfax.scale_by_ekfac,
-    "tkfac": tekfax.scale_by_tkfac,
-    "tekfac": tekfax.scale_by_tekfac,
-}
+# The preconditioners of the shared presets (the exactness runs pass their own intervals).
+PRESETS = {preset: getattr(tekfax, f"scale_by_{preset}") for preset in conftest.PRESETS}
 
-# Tests compile many tiny programs once each: XLA's backend optimisation (LLVM passes) costs
-# more than it saves there. It does not change the arithmetic (no fast-math is involved).
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+jit = conftest.jit  # jax.jit without XLA backend optimisation: quick to compile
 
 _layer_mats = jit(
     lambda leaf: (input_matrix(leaf.inputs, leaf.meta), output_matrix(leaf.out_grads))
@@ -136,7 +130,7 @@ def _memo_blocks(state):
     return _BLOCKS[id(state)][1:]
 
 
-# The exactness settings of ALGORITHMS.md section 3: statistics, a fresh eigenbasis and S on
+# The exactness settings of docs/algorithms.md, section 3: statistics, a fresh eigenbasis and S on
 # every step (not the library's default intervals), with S equal to the batch S.
 EXACT = (
     ("damping", 1e-3),

@@ -1,12 +1,12 @@
 """Subprocess of ``test_sharding.py``: the same training steps on one device and on a mesh.
 
-Run as ``python _sharded_worker.py OUT.npz`` with ``XLA_FLAGS`` forcing 8 CPU devices (set
-before jax is imported). For every optimizer it trains three steps of a small CNN: unsharded
-on one device (the reference) and data-parallel over all devices; kfac and tekfac also with
-distributed eigendecompositions (``eigen_mesh``). It saves the losses, the final params,
-factors and (damped) approximate Fisher blocks of each, and facts about the sharded
-program. The global batch (64) exceeds every layer's d_in (19, 49), so the factors have no
-degenerate null space whose eigenvectors rounding could rotate.
+Run as ``python tests/_sharded_worker.py OUT.npz`` with the repository root on ``PYTHONPATH``
+and ``XLA_FLAGS`` forcing 8 CPU devices (set before jax is imported). For every optimizer it
+trains three steps of a small CNN: unsharded on one device (the reference) and data-parallel
+over all devices; kfac and tekfac also with distributed eigendecompositions (``eigen_mesh``).
+It saves the losses, the final params, factors and (damped) approximate Fisher blocks of each,
+and facts about the sharded program. The global batch (64) exceeds every layer's d_in (19, 49),
+so the factors have no degenerate null space whose eigenvectors rounding could rotate.
 """
 
 from __future__ import annotations
@@ -21,20 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from models import ConvNet
 
 import tekfax
 from tekfax import eigenbasis, patches
 from tekfax.experiments import compare
+from tests.conftest import INTERVALS, PRESETS
+from tests.models import ConvNet
 
-OPTIMIZERS = ("kfac", "ekfac", "tkfac", "tekfac")
+OPTIMIZERS = PRESETS
 # The refresh is one code path for all four; these two cover the bases of A, G and of S.
 EIGEN_MESH_OPTIMIZERS = ("kfac", "tekfac")
-STEPS = 3
+STEPS = 3  # with the shared INTERVALS: statistics every step, refreshes on steps 0 and 2
 PER_DEVICE = 8
-# Intervals passed explicitly: three steps update the factors and S every step and refresh
-# the eigenbasis on steps 0 and 2.
-INTERVALS = {"curvature_every": 1, "eigen_every": 2, "rescale_every": 1}
 MODEL = ConvNet(channels=(3,), num_classes=5)
 
 

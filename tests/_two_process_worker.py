@@ -1,9 +1,9 @@
 """Subprocess of ``test_sharding.py``: one tekfac step on a mesh spanning two processes.
 
-``python _two_process_worker.py HOST:PORT PROCESS_ID OUT.json``: joins the two-process job
-with ``jax.distributed.initialize`` (CPU collectives through gloo), trains one step on the
-global batch sharded over both processes' devices and writes the resulting (replicated)
-params. :func:`reference` is the same step on one device.
+``python tests/_two_process_worker.py HOST:PORT PROCESS_ID OUT.json`` (repository root on
+``PYTHONPATH``): joins the two-process job with ``jax.distributed.initialize`` (CPU collectives
+through gloo), trains one step on the global batch sharded over both processes' devices and
+writes the resulting (replicated) params. :func:`reference` is the same step on one device.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import sys
 import jax
 import numpy as np
 import optax
-from models import MLP
 
 import tekfax
+from tests.conftest import INTERVALS
+from tests.models import MLP
 
 MODEL = MLP(features=(12, 5))
-INTERVALS = {"curvature_every": 1, "eigen_every": 2, "rescale_every": 1}
 BATCH = 32
 
 

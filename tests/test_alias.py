@@ -1,12 +1,13 @@
-"""The presets and aliases follow optax's conventions (API.md, "Optimizers"; STYLE.md).
+"""The presets and aliases follow optax's conventions (docs/api.md, the scale_by_* split).
 
 Every test runs for the four presets and for the trace-adaptive (``nu``) variants of TKFAC and
 TEKFAC. References are built by hand from the pieces the contract names: the full alias is
 ``chain(scale_by_X, trace(momentum), scale_by_learning_rate(lr))``, so P(g) comes from
 ``scale_by_X`` and momentum and learning rate are applied in NumPy.
 
-Most tests use a one-layer softmax regression so that each jitted update compiles quickly;
-``INTERVALS`` puts statistics on every step and refreshes on steps 0 and 2 of the sequences.
+Most tests use a one-layer softmax regression so that each jitted update compiles quickly.
+The cases and ``INTERVALS`` are the shared ones of ``conftest.py``: statistics on every step,
+refreshes on steps 0 and 2 of the sequences.
 """
 
 from __future__ import annotations
@@ -22,44 +23,25 @@ import optax
 import pytest
 
 import tekfax
+from tests.conftest import CASES, DAMPING, INTERVALS, PRESETS, make_optimizer, make_scale_by
+from tests.conftest import LEARNING_RATE as LR
 from tests.models import MLP
 
-LR = 0.1
 TAU = 0.9
-DAMPING = 1e-2
-NU = 10.0  # above the layers' trace delta (about 3), so the nu rule binds
-# Statistics every step and refreshes on steps 0 and 2 of the three-step sequences.
-INTERVALS = {"curvature_every": 1, "eigen_every": 2, "rescale_every": 1}
-STEPS = 3
+STEPS = 3  # with the shared INTERVALS: refreshes on steps 0 and 2 of the sequences
 N, D_IN, CLASSES = 16, 3, 4
 TOL = {"rtol": 1e-5, "atol": 1e-6}
-
-# case id -> (preset, the hyperparameters that set its damping)
-CASES = {
-    "kfac": ("kfac", {"damping": DAMPING}),
-    "ekfac": ("ekfac", {"damping": DAMPING}),
-    "tkfac": ("tkfac", {"damping": DAMPING}),
-    "tekfac": ("tekfac", {"damping": DAMPING}),
-    "tkfac-nu": ("tkfac", {"nu": NU}),
-    "tekfac-nu": ("tekfac", {"nu": NU}),
-}
-PRESETS = ("kfac", "ekfac", "tkfac", "tekfac")
 MODEL = MLP(features=(CLASSES,))
 
 all_cases = pytest.mark.parametrize("case", list(CASES))
 all_presets = pytest.mark.parametrize("preset", PRESETS)
 
 
-def _scale_by(case: str, **overrides) -> optax.GradientTransformationExtraArgs:
-    preset, hyper = CASES[case]
-    kwargs = {**hyper, **INTERVALS, **overrides}
-    return getattr(tekfax, f"scale_by_{preset}")(**kwargs)
+_scale_by = make_scale_by
 
 
 def _alias(case: str, learning_rate=LR, **overrides) -> optax.GradientTransformationExtraArgs:
-    preset, hyper = CASES[case]
-    kwargs = {**hyper, "momentum": TAU, **INTERVALS, **overrides}
-    return getattr(tekfax, preset)(learning_rate, **kwargs)
+    return make_optimizer(case, learning_rate, **{"momentum": TAU, **overrides})
 
 
 def _capture(params, x, y, rng):
@@ -501,7 +483,7 @@ def test_stats_from_another_model_name_the_layer(case):
 
 # --- norm constraint -------------------------------------------------------------------
 #
-# The KL clip (ALGORITHMS.md s. 5) scales P(g) by c = min(1, sqrt(kappa / q)), where
+# The KL clip (docs/algorithms.md, section 5) scales P(g) by c = min(1, sqrt(kappa / q)), where
 # q = alpha^2 sum_l <P(g_l), g_l>. The damped block F~ solves F~ P(g) = g, so the clipped step
 # Delta = -alpha c P(g) has the quadratic Delta^T F~ Delta = alpha^2 c^2 <P(g), g> = c^2 q,
 # which equals kappa whenever the clip is active.

@@ -4,6 +4,7 @@ The runs are tiny (1-2 epochs of 11 steps) and share compiled steps within the p
 """
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -12,13 +13,15 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from tekfax.experiments import checkpoint, optimizers, report
 from tekfax.experiments.compare import main
+from tekfax.experiments.data import load_dataset
 from tekfax.experiments.progress import ProgressBar
-from tekfax.experiments.train import TIMING_FIELDS
+from tekfax.experiments.train import TIMING_FIELDS, ResumeError, RunConfig, train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RECORD_KEYS = {
@@ -138,8 +141,9 @@ def test_resume_is_bit_for_bit(two_seeds, tmp_path, capsys):
     for seed, run in enumerate(resumed["runs"]):
         assert run["resumed_from_epoch"] == 1
         assert run["records"][0] == first["runs"][seed]["records"][0]  # timing kept too
-        expected = checkpoint.read(reference / "checkpoints" / f"tekfac-seed{seed}.msgpack")
-        got = checkpoint.read(out / "checkpoints" / f"tekfac-seed{seed}.msgpack")
+        # orbax checkpoints, one folder per run
+        expected = checkpoint.read(reference / "checkpoints" / f"tekfac-seed{seed}")
+        got = checkpoint.read(out / "checkpoints" / f"tekfac-seed{seed}")
         strip = [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in got["records"]]
         assert strip == [
             {k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in expected["records"]
@@ -156,6 +160,36 @@ def test_resume_is_bit_for_bit(two_seeds, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--output", str(out), *flags, "--epochs", "2", "--resume", "--batch-size", "64"])
     assert err.value.code == 2 and "batch_size" in capsys.readouterr().err
+
+
+def test_train_resumes_from_its_orbax_checkpoint_bit_for_bit(tmp_path):
+    """train() directly: 2 epochs in one go equal 1 epoch, then a resume to 2 epochs."""
+    dataset = load_dataset("digits")
+    hparams = {**optimizers.DEFAULTS["kfac"], "eigen_every": 3}
+    config = RunConfig("mlp", "kfac", hparams, seed=5, epochs=2)
+    whole = train(config, dataset, progress=False)
+    path = tmp_path / "kfac-seed5"
+    one = dataclasses.replace(config, epochs=1)
+    first = train(one, dataset, checkpoint_path=path, progress=False)
+    assert checkpoint.exists(path) and first.resumed_from_epoch == 0
+    resumed = train(config, dataset, checkpoint_path=path, resume=True, progress=False)
+    assert resumed.resumed_from_epoch == 1 and checkpoint.read(path)["epoch"] == 2
+    for got, want in ((resumed.params, whole.params), (resumed.opt_state, whole.opt_state)):
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert x.dtype == y.dtype and np.array_equal(x, y)  # bit-for-bit
+
+    def untimed(records):
+        return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+    assert untimed(resumed.records) == untimed(whole.records)
+    assert resumed.records[0] == first.records[0]  # the first epoch's record, timing too
+    # A checkpoint resumes only its own run, and never past the requested epochs.
+    for other, message in (
+        (dataclasses.replace(config, seed=6), "belongs to another run"),
+        (dataclasses.replace(config, epochs=1), "past --epochs 1"),
+    ):
+        with pytest.raises(ResumeError, match=message):
+            train(other, dataset, checkpoint_path=path, resume=True, progress=False)
 
 
 def _leaves(tree):
@@ -213,12 +247,28 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
         bar.update(done, 0.5, 0.75, 1000.0)
     bar.close(4, 0.25, 0.875, 2000.0, "test acc 90.00%")
     text = stream.getvalue()
-    assert text.count("\r") == 5 and text.endswith("\n")
+    assert text.count("\r") >= 5 and text.endswith("\n")  # one redraw per update, in place
     assert (
         "kfac seed 0 epoch 2/5 [##########----------] 2/4 loss 0.5000 acc  75.0% 1,000 img/s"
         in text
     )
-    assert text.splitlines()[-1].endswith("2,000 img/s | test acc 90.00%\x1b[K")
+    final = text.splitlines()[-1].split("\r")[-1].rstrip()
+    assert final == (
+        "kfac seed 0 epoch 2/5 [####################] 4/4 loss 0.2500 acc  87.5% 2,000 img/s"
+        " | test acc 90.00%"
+    )
+
+
+def test_progress_bar_writes_one_line_to_a_log():
+    stream = io.StringIO()  # not a terminal: no redraws, only the finished line
+    bar = ProgressBar("kfac seed 0", 1, 1, 4, stream=stream, interval=0.0)
+    assert not bar.due()
+    bar.update(2, 0.5, 0.75, 1000.0)
+    bar.close(4, 0.25, None, 2000.0, "test loss 0.1000", skipped=3)
+    assert stream.getvalue() == (
+        "kfac seed 0 epoch 1/1 [####################] 4/4 loss 0.2500 2,000 img/s 3 skipped"
+        " | test loss 0.1000\n"
+    )
 
 
 def test_flag_parsing():

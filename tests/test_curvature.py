@@ -1,4 +1,4 @@
-"""Tests for tekfax.curvature and tekfax.eigenbasis (ALGORITHMS.md sections 2 and 3).
+"""Tests for tekfax.curvature and tekfax.eigenbasis (docs/algorithms.md, sections 2 and 3).
 
 The approximate blocks the optimizer holds are compared with the section 2 formulas computed
 here in plain numpy from the layer matrices a and u, and with brute-force F1 and the exact
@@ -6,16 +6,17 @@ Fisher of tests/reference.py. Exactness tests run in float64 with tight toleranc
 separate float32 test uses a loose one.
 """
 
-import _formulas as fm
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 
 from tekfax.curvature import kfac_factors, tkfac_moments
 from tekfax.eigenbasis import eigh_psd
+from tests import _formulas as fm
+from tests.conftest import examples
 
 f64 = pytest.mark.usefixtures("x64")
 RTOL = 1e-10  # float64: a handful of roundings on tiny matrices
@@ -148,7 +149,7 @@ def test_schedules_update_factors_and_eigenbasis_on_their_steps(preset):
         assert np.all(np.asarray(first.eig_in) >= 0) and np.sum(first.eig_in) > 0
 
 
-@settings(max_examples=20, derandomize=True, deadline=None)
+@examples(5)  # numpy only, cheap: five times the profile's count
 @given(
     n=st.integers(2, 6),
     d_in=st.integers(1, 4),

@@ -1,4 +1,4 @@
-"""Tests for tekfax.damping and the preconditioning it feeds (ALGORITHMS.md sections 4, 5).
+"""Tests for tekfax.damping and the preconditioning it feeds (docs/algorithms.md, sections 4 and 5).
 
 For every preset and damping rule, on a model with convolutions, Dense layers and a dead
 layer (zero inputs, so delta = 0):
@@ -13,13 +13,13 @@ Then the unit functions of :mod:`tekfax.damping` on random inputs against direct
 
 import functools
 
-import _formulas as fm
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tekfax import damping
+from tests import _formulas as fm
 
 f64 = pytest.mark.usefixtures("x64")
 RTOL = 1e-10

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 
-import _formulas as fm
 import flax.linen as nn
 import hypothesis.strategies as st
 import jax
@@ -26,15 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
-from hypothesis import given, settings
+from hypothesis import given
 
 import tekfax
+from tests import _formulas as fm
+from tests import reference
+from tests.conftest import PRESETS, examples
 
 CLASSES = 3
 LAMBDA = 1e-2
 NU = 1e-1
-SETTINGS = settings(max_examples=4, deadline=None, derandomize=True)
 
 
 def make_layer(config: tuple, **kwargs) -> nn.Module:
@@ -149,7 +149,7 @@ def _im2col(x: np.ndarray, config: tuple) -> np.ndarray:
     return a
 
 
-def _brute_u(model: Probe, params, x, y) -> np.ndarray:
+def _brute_u(model: Probe, params, x, y) -> jax.Array:
     """u_{n,t} = d l_n / d s_{n,t}, (N, T, d_out), by jax.grad of one example's loss."""
     h = make_layer(model.config).apply({"params": params["first"]}, x)
 
@@ -159,35 +159,37 @@ def _brute_u(model: Probe, params, x, y) -> np.ndarray:
         return optax.softmax_cross_entropy_with_integer_labels(logits, y_n[None]).sum()
 
     u = jax.vmap(jax.grad(example_loss))(h, y)
-    return np.asarray(u, np.float64).reshape(h.shape[0], -1, h.shape[-1])
+    return u.reshape(h.shape[0], -1, h.shape[-1])
 
 
 @given(layers())
-@SETTINGS
+@examples()  # the profile's count: 4 in ci, 1,000 with the thorough profile
 def test_kfac_factors_match_brute_force_float64(drawn):
     config, x_shape = drawn
     with jax.enable_x64(True):
         model = Probe(config)
-        kx, ky, kp = jax.random.split(jax.random.key(len(str(drawn))), 3)
-        x = jax.random.normal(kx, x_shape, jnp.float64)
-        y = jax.random.randint(ky, (x_shape[0],), 0, CLASSES)
-        params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(kp, x)["params"])
         opt = tekfax.scale_by_kfac(damping=LAMBDA, curvature_every=1, eigen_every=1)
 
-        @fm.jit
-        def step(params):
+        @fm.jit  # everything in one program: a compile per drawn layer, not one per operation
+        def run(key):
+            kx, ky, kp = jax.random.split(key, 3)
+            x = jax.random.normal(kx, x_shape, jnp.float64)
+            y = jax.random.randint(ky, (x_shape[0],), 0, CLASSES)
+            params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(kp, x)["params"])
             out = tekfax.loss_and_curvature(
                 lambda p: model.apply({"params": p}, x), params, y, fisher="empirical"
             )
-            return opt.update(out.grads, opt.init(params), params, stats=out.stats)[1]
+            state = opt.update(out.grads, opt.init(params), params, stats=out.stats)[1]
+            want_g = reference.per_example_grads(model, params, x, y)["first"]
+            block = tekfax.diagnostics.approx_fisher_blocks(state)["first"]
+            return x, state, block, want_g, _brute_u(model, params, x, y)
 
-        state = step(params)
+        x, state, block, want_g, u = run(jax.random.key(len(str(drawn))))
         a = _im2col(np.asarray(x, np.float64), config)
-        u = _brute_u(model, params, x, y)
+        u = np.asarray(u, np.float64)
         n, t = a.shape[:2]
         # The brute-force a and u give the true per-example gradients (independent check).
         g = np.einsum("nti,nto->nio", a, u).reshape(n, -1)
-        want_g = reference.per_example_grads(model, params, x, y)["first"]
         fm.assert_close(g, want_g, 1e-10)
 
         big_a = np.einsum("nti,ntj->ij", a, a) / (n * t)
@@ -195,7 +197,7 @@ def test_kfac_factors_match_brute_force_float64(drawn):
         got_a, got_g = fm.held_estimates(state, "first")
         fm.assert_close(got_a, big_a, 1e-10)
         fm.assert_close(got_g, big_g, 1e-10)
-        fm.assert_close(fm.approx_blocks(state)["first"], np.kron(big_a, big_g), 1e-9)
+        fm.assert_close(block, np.kron(big_a, big_g), 1e-9)
 
 
 SCENARIOS = ("zeros", "dead_relu", "rank_deficient", "scaled", "batch_1")
@@ -216,7 +218,7 @@ def _degenerate_batch(scenario: str, x_shape, key, scale: float):
 
 
 def _floor(preset: str, scheme: str, layer) -> float:
-    """The smallest damped eigenvalue each rule allows (ALGORITHMS.md section 4)."""
+    """The smallest damped eigenvalue each rule allows (docs/algorithms.md, section 4)."""
     if scheme == "damping":
         return LAMBDA
     d_in, d_out = layer.damped.shape
@@ -225,12 +227,12 @@ def _floor(preset: str, scheme: str, layer) -> float:
     return NU**2 / (d_in * d_out)  # (sqrt(d~) phi + d~/d_in)(sqrt(d~) psi + d~/d_out)
 
 
-OPTIMIZERS = [(p, s) for p in ("kfac", "ekfac", "tkfac", "tekfac") for s in ("damping", "nu")]
+OPTIMIZERS = [(p, s) for p in PRESETS for s in ("damping", "nu")]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @given(drawn=layers())
-@settings(max_examples=2, deadline=None, derandomize=True)
+@examples(0.5)  # per scenario; each example compiles all eight optimizers
 def test_degenerate_batches_give_finite_updates_float32(scenario, drawn):
     """All four presets with both damping schemes, compiled together; every scale of
     ``SCALES`` runs through the same compiled update."""

@@ -7,13 +7,11 @@ distributions' Fisher matrices written out here.
 
 import functools
 
-import _formulas as fm
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
 from jax.flatten_util import ravel_pytree
 
 import tekfax
@@ -22,6 +20,8 @@ from tekfax.diagnostics import (
     approximation_errors,
     exact_fisher_blocks,
 )
+from tests import _formulas as fm
+from tests import reference
 
 f64 = pytest.mark.usefixtures("x64")
 RTOL = 1e-10

@@ -1,4 +1,4 @@
-"""EAdam against a NumPy transcription of ALGORITHMS.md section 6.
+"""EAdam against a NumPy transcription of docs/algorithms.md, section 6.
 
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2 + eps;
     update = -alpha m_hat / sqrt(v_hat),  m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t).
@@ -32,7 +32,7 @@ def _random_gradients(seed: int, scale: float = 1.0) -> list[dict[str, np.ndarra
 
 
 def _numpy_eadam(grads, learning_rate=lambda step: 1e-3, b1=B1, b2=B2, eps=EPS):
-    """ALGORITHMS.md s. 6 in float64; returns the updates and the final (m, v)."""
+    """docs/algorithms.md, section 6 in float64; returns the updates and the final (m, v)."""
     m = {k: np.zeros(s) for k, s in SHAPES.items()}
     v = {k: np.zeros(s) for k, s in SHAPES.items()}
     updates = []

@@ -23,20 +23,16 @@ import pytest
 import tekfax
 from tekfax.experiments import compare
 from tekfax.experiments.data import iterate_batches, load_dataset
+from tests.conftest import INTERVALS, PRESETS, make_optimizer
 from tests.models import MLP
 
 N, D_IN, CLASSES = 16, 3, 4
 MODEL = MLP(features=(5, CLASSES))
-INTERVALS = {"curvature_every": 1, "eigen_every": 2, "rescale_every": 1}
+KRONECKER = ("kfac", "ekfac", "tkfac", "tekfac", "tkfac-nu")  # shared cases, one nu variant
 OPTIMIZERS = {
-    "kfac": lambda: tekfax.kfac(0.1, damping=1e-2, **INTERVALS),
-    "ekfac": lambda: tekfax.ekfac(0.1, damping=1e-2, **INTERVALS),
-    "tkfac": lambda: tekfax.tkfac(0.1, damping=1e-2, **INTERVALS),
-    "tekfac": lambda: tekfax.tekfac(0.1, damping=1e-2, **INTERVALS),
-    "tkfac-nu": lambda: tekfax.tkfac(0.1, nu=10.0, **INTERVALS),
+    **{case: functools.partial(make_optimizer, case) for case in KRONECKER},
     "adam": lambda: optax.adam(1e-2),
 }
-KRONECKER = ("kfac", "ekfac", "tkfac", "tekfac", "tkfac-nu")
 STEPS = 7
 BAD = {2: np.nan, 4: np.inf, 5: -np.inf}  # step -> value written into one input entry
 
@@ -208,7 +204,7 @@ def test_compiles_once_composes_in_chain_and_inject_hyperparams():
 
 def test_scale_by_kronecker_keeps_non_finite_statistics_out_of_its_averages():
     """Defence in depth without the wrapper: a NaN/overflowing batch factor or S is dropped."""
-    for preset in ("kfac", "ekfac", "tkfac", "tekfac"):
+    for preset in PRESETS:
         opt = getattr(tekfax, f"scale_by_{preset}")(damping=1e-2, **INTERVALS)
         update = jax.jit(opt.update)
         params = _params()

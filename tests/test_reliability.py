@@ -14,18 +14,24 @@ import pytest
 
 import tekfax
 from tekfax.experiments import checkpoint, stability
+from tests.conftest import CASES, PRESETS, make_optimizer
+from tests.conftest import INTERVALS as SHARED_INTERVALS
 from tests.models import MLP, ConvNet
 
 N, CLASSES = 16, 4
-INTERVALS = {"curvature_every": 1, "eigen_every": 3, "rescale_every": 1}
+# The shared cases with this file's explicit overrides for its ConvNet runs: a smaller step,
+# nu = 1 for the nu variants, and a refresh every third step (so the round-trip test's
+# continuation, steps 4 to 6, crosses the refresh on step 6).
+LR, NU = 0.05, 1.0
+INTERVALS = {**SHARED_INTERVALS, "eigen_every": 3}
 OPTIMIZERS = {
-    "kfac": lambda: tekfax.kfac(0.05, damping=1e-2, **INTERVALS),
-    "ekfac": lambda: tekfax.ekfac(0.05, damping=1e-2, **INTERVALS),
-    "tkfac": lambda: tekfax.tkfac(0.05, damping=1e-2, **INTERVALS),
-    "tekfac": lambda: tekfax.tekfac(0.05, damping=1e-2, **INTERVALS),
-    "tkfac-nu": lambda: tekfax.tkfac(0.05, nu=1.0, **INTERVALS),
-    "tekfac-nu": lambda: tekfax.tekfac(0.05, nu=1.0, **INTERVALS),
-    "guarded-kfac": lambda: tekfax.skip_non_finite(tekfax.kfac(0.05, damping=1e-2, **INTERVALS)),
+    **{
+        case: functools.partial(
+            make_optimizer, case, LR, **INTERVALS, **({"nu": NU} if "nu" in hyper else {})
+        )
+        for case, (_, hyper) in CASES.items()
+    },
+    "guarded-kfac": lambda: tekfax.skip_non_finite(make_optimizer("kfac", LR, **INTERVALS)),
     "eadam": lambda: tekfax.eadam(1e-2),
 }
 KRONECKER = {"kfac", "ekfac", "tkfac", "tekfac", "tkfac-nu", "tekfac-nu", "guarded-kfac"}
@@ -84,7 +90,7 @@ def _train(name, params, state, steps, start=0, dtype=jnp.float32):
 
 LOW_PRECISION = {
     name: functools.partial(getattr(tekfax, name), 0.02, damping=0.1, **INTERVALS)
-    for name in ("kfac", "ekfac", "tkfac", "tekfac")
+    for name in PRESETS
 }
 
 
@@ -214,7 +220,7 @@ HYPERPARAMETER_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("preset", ["kfac", "ekfac", "tkfac", "tekfac"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"), HYPERPARAMETER_ERRORS, ids=[e[2] for e in HYPERPARAMETER_ERRORS]
 )

@@ -1,4 +1,4 @@
-"""Tests for tekfax.rescale: the eigenvalue-corrected diagonal S (ALGORITHMS.md s. 2, 3).
+"""Tests for tekfax.rescale: the eigenvalue-corrected diagonal S (docs/algorithms.md, s. 2-3).
 
 With ``rescale_ema=0`` the S the optimizer holds after an update is the batch S, and is
 compared with the exact Fisher of tests/reference.py (per-example gradients):
@@ -8,7 +8,6 @@ sum(S) = tr F, S = diag(Q^T F Q), and hence Theorem 3.1. S is held in kernel lay
 
 import functools
 
-import _formulas as fm
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import pytest
 import tekfax
 from tekfax import curvature, patches, rescale
 from tekfax.diagnostics import exact_fisher_blocks
+from tests import _formulas as fm
 
 f64 = pytest.mark.usefixtures("x64")
 RTOL = 1e-10

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from models import MLP, setup
 
 import tekfax
 from tekfax import eigenbasis
+from tests.conftest import PRESETS
+from tests.models import MLP, setup
 
 SCHEDULE = dict(curvature_every=3, eigen_every=4, rescale_every=2)
 
@@ -20,7 +21,7 @@ def _expected_needs(step: int, eigen_corrected: bool) -> bool:
     return step % SCHEDULE["curvature_every"] == 0 or (eigen_corrected and rescale)
 
 
-@pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac"])
+@pytest.mark.parametrize("name", PRESETS)
 def test_skipping_unused_statistics_changes_nothing(name):
     model = MLP()
     logits_fn, params, x, y = setup(model, (16, 7), 4)

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 
-import _two_process_worker
 import chex
 import jax
 import numpy as np
@@ -19,17 +18,20 @@ import pytest
 
 import tekfax
 from tekfax.experiments import compare
+from tests import _two_process_worker
+from tests.conftest import PRESETS
 
 TESTS = pathlib.Path(__file__).resolve().parent
 DEVICES = 8
-OPTIMIZERS = ("kfac", "ekfac", "tkfac", "tekfac")
+OPTIMIZERS = PRESETS
 # float32: the sharded sums over the batch are reduced in another order than on one device.
 RTOL, ATOL = 2e-5, 1e-6
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(TESTS), **extra)
+    # The repository root, so that the workers import the helpers as ``tests.<module>``.
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(TESTS.parent), **extra)
     return env
 
 

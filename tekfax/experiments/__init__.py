@@ -1,4 +1,4 @@
-"""Models and datasets for the ``tekfax-compare`` experiments (ALGORITHMS.md section 7).
+"""Models and datasets for the ``tekfax-compare`` experiments (docs/algorithms.md, section 7).
 
 ``tekfax.experiments.models`` holds the Flax Linen models (MLP, deep auto-encoder, digits CNN,
 ResNet20, VGG16) and ``tekfax.experiments.data`` the datasets (scikit-learn digits; CIFAR-10,

@@ -1,15 +1,20 @@
-"""Per-run checkpoints: one msgpack file (flax.serialization), replaced atomically.
+"""Per-run checkpoints, written by orbax: one folder per run, the latest epoch kept.
 
-A checkpoint holds the params and batch_stats (as Flax state dicts), the optimizer state (as
-the list of its pytree leaves, restored into the structure of a freshly initialised state),
-the JAX key, the NumPy seed and next epoch (shuffling uses ``default_rng((seed, epoch))``),
+A checkpoint holds two items. ``state`` (arrays, saved by orbax's standard handler): the
+params and batch_stats (as Flax state dicts), the optimizer state (its pytree leaves, keyed by
+position and restored into the structure of a freshly initialised state) and the JAX key.
+``meta`` (JSON): the NumPy seed and next epoch (shuffling uses ``default_rng((seed, epoch))``),
 the step and epoch counters, the per-epoch records and a description of the run, so a resumed
 run can check that it continues the same one.
+
+orbax's :class:`~orbax.checkpoint.CheckpointManager` writes each epoch's checkpoint into a
+temporary folder and renames it when complete, then deletes the previous epoch's, so an
+interrupted save leaves the last complete checkpoint in place. Saving is synchronous. Every
+process of a multi-process run calls :func:`save`; orbax writes the host arrays once.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any
@@ -17,12 +22,28 @@ from typing import Any
 import flax.serialization
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
-VERSION = 1
+VERSION = 2
 
 
 def _host(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def _manager(path: str | os.PathLike) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(pathlib.Path(path).absolute(), options=options)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a complete checkpoint."""
+    if not pathlib.Path(path).is_dir():
+        return False
+    with _manager(path) as manager:
+        return manager.latest_step() is not None
 
 
 def save(
@@ -39,41 +60,41 @@ def save(
     run: dict,
     extra: dict | None = None,
 ) -> None:
-    """Writes the checkpoint to ``path`` via a temporary file and ``os.replace``."""
-    payload = {
+    """Writes the checkpoint of ``epoch`` into the folder ``path``, replacing the previous one."""
+    leaves = _host(jax.tree_util.tree_leaves(opt_state))
+    state = {
+        "params": _host(flax.serialization.to_state_dict(params)),
+        "batch_stats": _host(flax.serialization.to_state_dict(batch_stats)),
+        "opt_state": {str(i): leaf for i, leaf in enumerate(leaves)},
+        "jax_key": np.asarray(jax.random.key_data(key)),
+    }
+    meta = {
         "version": VERSION,
-        "run": json.dumps(run, sort_keys=True),
+        "run": run,
         "epoch": int(epoch),
         "step": int(step),
         "numpy_rng": {"seed": int(seed), "next_epoch": int(epoch)},
-        "jax_key": np.asarray(jax.random.key_data(key)),
-        "params": _host(flax.serialization.to_state_dict(params)),
-        "batch_stats": _host(flax.serialization.to_state_dict(batch_stats)),
-        "opt_state": {
-            str(i): leaf for i, leaf in enumerate(_host(jax.tree_util.tree_leaves(opt_state)))
-        },
-        "records": json.dumps(records),
-        "extra": json.dumps(extra or {}),
+        "records": records,
+        "extra": extra or {},
     }
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(payload))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    with _manager(path) as manager:
+        manager.save(int(epoch), args=args, force=True)
+        manager.wait_until_finished()
 
 
 def read(path: str | os.PathLike) -> dict:
-    """The raw checkpoint: arrays as NumPy, ``run``/``records``/``extra`` decoded from JSON."""
-    with open(path, "rb") as f:
-        payload = flax.serialization.msgpack_restore(f.read())
+    """The latest checkpoint in ``path``: arrays as NumPy, the optimizer state as a list."""
+    with _manager(path) as manager:
+        latest = manager.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no checkpoint.")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        restored = manager.restore(latest, args=args)
+    payload = dict(restored["meta"])
     if payload.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported checkpoint version {payload.get('version')}.")
-    payload["run"] = json.loads(payload["run"])
-    payload["records"] = json.loads(payload["records"])
-    payload["extra"] = json.loads(payload["extra"])
+    payload.update(_host(restored["state"]))
     leaves = payload["opt_state"]
     payload["opt_state"] = [leaves[str(i)] for i in range(len(leaves))]
     return payload

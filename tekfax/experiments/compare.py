@@ -30,7 +30,13 @@ import jax
 
 from tekfax import sharding
 from tekfax.experiments import optimizers, report
-from tekfax.experiments.data import DATASETS, DatasetNotPreparedError, load_dataset, train_val_split
+from tekfax.experiments.data import (
+    DATASETS,
+    Dataset,
+    DatasetNotPreparedError,
+    load_dataset,
+    train_val_split,
+)
 from tekfax.experiments.models import MODELS, model_loss
 from tekfax.experiments.train import ResumeError, RunConfig, RunResult, train
 
@@ -69,15 +75,8 @@ def _flag_help(key: str) -> str:
     return f"{_FLAG_HELP[key]} (defaults: {shown})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    parser = argparse.ArgumentParser(
-        prog="tekfax-compare",
-        description=__doc__.split("\n\n")[0].replace("``", ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Per-optimizer flags take one value for all optimizers and/or name=value pairs, "
-        "e.g. --lr 0.05 adam=1e-3 eadam=1e-3.",
-    )
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """What to train, for how long, and where the outputs go."""
     add = parser.add_argument
     add("--model", default="cnn", choices=list(MODELS), help="model (default: cnn)")
     add("--dataset", default="digits", choices=list(DATASETS), help="dataset (default: digits)")
@@ -110,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", help="output folder (default: runs/compare-<timestamp>)")
     add("--resume", action="store_true", help="continue the runs checkpointed in --output")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """Devices and processes of a data-parallel run."""
     parallel = parser.add_argument_group(
         "devices and processes (data parallel: the batch is split over every device)"
     )
@@ -128,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parallel.add_argument("--num-processes", type=int, metavar="P", help="processes in the run")
     parallel.add_argument("--process-id", type=int, metavar="I", help="this process, 0..P-1")
+
+
+def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
+    """Per-optimizer hyperparameters, and the candidates of the grid search."""
     group = parser.add_argument_group("hyperparameters (value or name=value pairs)")
     for flag, (key, _) in optimizers.FLAGS.items():
         group.add_argument(f"--{flag}", nargs="+", metavar="V", help=_flag_help(key))
@@ -148,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="V,V",
             help=f"{flag} candidates, comma-separated (default: neighbours of the default)",
         )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="tekfax-compare",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Per-optimizer flags take one value for all optimizers and/or name=value pairs, "
+        "e.g. --lr 0.05 adam=1e-3 eadam=1e-3.",
+    )
+    _add_run_flags(parser)
+    _add_parallel_flags(parser)
+    _add_hyperparameter_flags(parser)
     return parser
 
 
@@ -271,7 +292,7 @@ def _grid_search(args, names, hparams, dataset, out: pathlib.Path, classificatio
             result = train(
                 config,
                 fit,
-                checkpoint_path=out / "checkpoints" / f"grid-{name}-{i}.msgpack",
+                checkpoint_path=out / "checkpoints" / f"grid-{name}-{i}",
                 resume=args.resume,
                 label=f"grid {name} [{shown}]",
                 progress=args.progress,
@@ -336,7 +357,7 @@ def _final_runs(
             result = train(
                 config,
                 dataset,
-                checkpoint_path=out / "checkpoints" / f"{name}-seed{seed}.msgpack",
+                checkpoint_path=out / "checkpoints" / f"{name}-seed{seed}",
                 resume=args.resume,
                 progress=args.progress,
                 mesh=mesh,
@@ -393,20 +414,8 @@ def single_threaded_lapack() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tekfax-compare`` and ``python -m tekfax.experiments``.
-
-    Returns the exit status: 0, or 2 when the dataset cannot be loaded or a checkpoint
-    cannot be resumed (usage errors exit through argparse with status 2).
-    """
-    single_threaded_lapack()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(args, parser)
-    mesh = _data_mesh(args, parser)
-    primary = jax.process_index() == 0
-    args.progress = args.progress and primary
-    names = _optimizer_names(args.optimizers, parser)
+def _resolve_hyperparameters(args, names: list[str], parser) -> dict[str, dict[str, Any]]:
+    """Each optimizer's hyperparameters; bad values and grid flags are usage errors."""
     overrides = {flag: getattr(args, flag.replace("-", "_")) for flag in optimizers.FLAGS}
     try:
         hparams = optimizers.resolve(names, overrides)
@@ -415,12 +424,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizers.grid_candidates(name, hparams[name], grid["lr"], grid["damping"], grid["nu"])
     except optimizers.HyperparameterError as err:
         parser.error(str(err))
+    return hparams
+
+
+def _run_config(args, argv, names: list[str], hparams: dict, mesh) -> dict:
+    """The comparison's settings as written to ``config.json`` (and checked on resume)."""
     config = dict(vars(args))
     config.update(optimizers=names, argv=list(sys.argv[1:] if argv is None else argv))
     config["hyperparameters"] = {name: dict(hparams[name]) for name in names}
     config.update(devices=mesh.size, processes=jax.process_count())
+    return config
+
+
+def _load(args: argparse.Namespace) -> Dataset | None:
+    """The dataset, or None after printing why it cannot be loaded."""
     try:
-        dataset = load_dataset(args.dataset, args.data_dir)
+        return load_dataset(args.dataset, args.data_dir)
     except (DatasetNotPreparedError, ImportError) as err:
         print(
             f"tekfax-compare: error: cannot load dataset {args.dataset!r}: {err}\n"
@@ -428,18 +447,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tensorflow_datasets folder, or use --dataset digits, which needs no files.)",
             file=sys.stderr,
         )
-        return 2
-    out = _prepare_output(args, config, parser) if primary else pathlib.Path(args.output)
-    classification = model_loss(args.model) == "softmax_cross_entropy"
-    if primary:
-        print(
-            f"tekfax-compare: {args.dataset} ({len(dataset.x_train)} train / "
-            f"{len(dataset.x_test)} test) / {args.model}, optimizers {' '.join(names)}, "
-            f"{args.epochs} epochs x {args.seeds} seed(s) on {mesh.size} device(s) -> {out}",
-            file=sys.stderr,
-        )
-    started = time.perf_counter()
-    payload = {
+        return None
+
+
+def _new_payload(config: dict, dataset: Dataset) -> dict:
+    """``results.json`` before any run: settings, environment and dataset."""
+    return {
         "schema_version": 1,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "config": config,
@@ -456,10 +469,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": [],
         "complete": False,
     }
+
+
+def _train_all(args, names, hparams, dataset, out, payload, classification, mesh) -> int | None:
+    """The grid search (if asked) and the final runs; an exit status if they stop early."""
     try:
         if args.grid:
             payload["grid"] = _grid_search(args, names, hparams, dataset, out, classification, mesh)
-            config["selected_hyperparameters"] = {name: dict(hparams[name]) for name in names}
+            selected = {name: dict(hparams[name]) for name in names}
+            payload["config"]["selected_hyperparameters"] = selected
         _final_runs(args, names, hparams, dataset, out, payload, mesh)
     except ResumeError as err:
         print(f"tekfax-compare: error: {err}", file=sys.stderr)
@@ -470,6 +488,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tekfax-compare`` and ``python -m tekfax.experiments``.
+
+    Returns the exit status: 0, or 2 when the dataset cannot be loaded or a checkpoint
+    cannot be resumed (usage errors exit through argparse with status 2).
+    """
+    single_threaded_lapack()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(args, parser)
+    mesh = _data_mesh(args, parser)
+    primary = jax.process_index() == 0
+    args.progress = args.progress and primary
+    names = _optimizer_names(args.optimizers, parser)
+    hparams = _resolve_hyperparameters(args, names, parser)
+    config = _run_config(args, argv, names, hparams, mesh)
+    dataset = _load(args)
+    if dataset is None:
+        return 2
+    out = _prepare_output(args, config, parser) if primary else pathlib.Path(args.output)
+    classification = model_loss(args.model) == "softmax_cross_entropy"
+    if primary:
+        print(
+            f"tekfax-compare: {args.dataset} ({len(dataset.x_train)} train / "
+            f"{len(dataset.x_test)} test) / {args.model}, optimizers {' '.join(names)}, "
+            f"{args.epochs} epochs x {args.seeds} seed(s) on {mesh.size} device(s) -> {out}",
+            file=sys.stderr,
+        )
+    started = time.perf_counter()
+    payload = _new_payload(config, dataset)
+    status = _train_all(args, names, hparams, dataset, out, payload, classification, mesh)
+    if status is not None:
+        return status
     payload["wall_seconds"] = time.perf_counter() - started
     if not primary:
         return 0

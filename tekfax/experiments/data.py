@@ -1,4 +1,4 @@
-"""Datasets of the experiments (ALGORITHMS.md section 7), as in-memory NumPy arrays.
+"""Datasets of the experiments (docs/algorithms.md, section 7), as in-memory NumPy arrays.
 
 * ``"digits"``: scikit-learn's 8x8 digits (bundled, no download), a fixed stratified 80/20
   train/test split (``random_state=0``), no augmentation.
@@ -173,9 +173,10 @@ def load_dataset(name: str = "digits", data_dir: str | None = None) -> Dataset:
 def train_val_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Holds out a stratified ``fraction`` of the training split for model selection.
 
-    Each class keeps ``round(fraction * n_class)`` of its examples for validation, drawn
-    with ``np.random.default_rng(seed)``. The test split takes no part, so selection never
-    sees it.
+    scikit-learn's ``train_test_split(..., stratify=labels, random_state=seed)`` holds out
+    the sum over classes of ``round(fraction * n_class)`` examples, spread over the classes in
+    proportion to their sizes (each class keeps ``fraction`` of its examples, to within one).
+    The test split takes no part, so selection never sees it.
 
     Returns:
       ``(train, val)``. ``train`` trains on the remaining examples and its test arrays are
@@ -183,15 +184,15 @@ def train_val_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, D
       validation split. ``val`` holds only the validation examples, as both its train and
       its test arrays.
     """
+    from sklearn.model_selection import train_test_split
+
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
-    rng = np.random.default_rng(seed)
-    held_out = np.zeros(len(ds.y_train), bool)
-    for label in np.unique(ds.y_train):
-        members = rng.permutation(np.flatnonzero(ds.y_train == label))
-        held_out[members[: round(fraction * len(members))]] = True
-    x_fit, y_fit = ds.x_train[~held_out], ds.y_train[~held_out]
-    x_val, y_val = ds.x_train[held_out], ds.y_train[held_out]
+    per_class = np.unique(ds.y_train, return_counts=True)[1]
+    held_out = int(np.sum(np.round(fraction * per_class)))
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        ds.x_train, ds.y_train, test_size=held_out, stratify=ds.y_train, random_state=seed
+    )
     train = dataclasses.replace(ds, x_train=x_fit, y_train=y_fit, x_test=x_val, y_test=y_val)
     val = dataclasses.replace(ds, x_train=x_val, y_train=y_val, x_test=x_val, y_test=y_val)
     return train, val

@@ -1,4 +1,4 @@
-"""Flax Linen models of the KFAC/TKFAC/TEKFAC experiments (ALGORITHMS.md sections 7 and 8).
+"""Flax Linen models of the KFAC/TKFAC/TEKFAC experiments (docs/algorithms.md, sections 7 and 8).
 
 Every model is called as ``model.apply(variables, x, train=...)`` on NHWC images (the MLP and
 the auto-encoder flatten them) and returns logits. Weight layers are only ``nn.Dense`` and
@@ -85,7 +85,7 @@ class Autoencoder(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """The digits CNN of ALGORITHMS.md section 8: conv16, conv32/s2, dense 64, dense classes."""
+    """The digits CNN: conv16, conv32/s2, dense 64, dense (docs/algorithms.md, section 8)."""
 
     num_classes: int = 10
 

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import optax
 
 import tekfax
@@ -40,7 +41,7 @@ NUMERIC = ("learning_rate", "damping", "nu", "momentum")
 STATIC = ("eigen_every", "curvature_every", "rescale_every", "fisher")
 FISHER = ("sampled", "empirical")
 
-# The papers' grids (ALGORITHMS.md section 7); ``--grid`` picks neighbours from them.
+# The papers' grids (docs/algorithms.md, section 7); ``--grid`` picks neighbours from them.
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 DAMPING_GRID = (1e-8, 1e-6, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 NU_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -180,9 +181,9 @@ def make_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
     """Builds optimizer ``name``; numeric values may be traced arrays (inside ``jax.jit``).
 
-    The learning rate is ``optax.piecewise_constant_schedule(lr, lr_boundaries)`` on steps.
+    The learning rate follows :func:`learning_rate_schedule`.
     """
-    lr = optax.piecewise_constant_schedule(numeric["learning_rate"], dict(lr_boundaries))
+    lr = learning_rate_schedule(numeric["learning_rate"], lr_boundaries)
     if name == "sgdm":
         return optax.sgd(lr, momentum=numeric["momentum"])
     if name == "adam":
@@ -200,9 +201,22 @@ def make_optimizer(
     )
 
 
+def learning_rate_schedule(lr: Any, lr_boundaries: Mapping[int, float]) -> optax.Schedule:
+    """The learning rate: ``lr`` times the scale of every boundary the step has reached.
+
+    It is ``optax.piecewise_constant_schedule(lr, lr_boundaries)``, on optimizer steps.
+    """
+    return optax.piecewise_constant_schedule(lr, dict(lr_boundaries))
+
+
 def learning_rate_at(lr: float, step: int, lr_boundaries: Mapping[int, float]) -> float:
-    """The scheduled learning rate at ``step``, on the host."""
-    return lr * math.prod(scale for b, scale in lr_boundaries.items() if step >= b)
+    """The optimizer's learning rate at ``step``: its optax schedule, evaluated for the logs.
+
+    The schedule computes in float32; the value is returned in its shortest decimal form
+    (0.03, not 0.029999999329447746).
+    """
+    value = learning_rate_schedule(lr, lr_boundaries)(step)
+    return float(str(np.float32(value)))
 
 
 def step_boundaries(lr_decay_every: int | None, steps_per_epoch: int, epochs: int) -> dict:

@@ -1,7 +1,8 @@
-"""A minimal per-epoch progress bar on stderr (no tqdm).
+"""The per-epoch progress bar of ``tekfax-compare``, drawn by tqdm on stderr.
 
-On a terminal the bar is redrawn in place at most every ``interval`` seconds; otherwise (a
-log file, a captured stream) only the finished epoch's line is written, once.
+On a terminal tqdm redraws the bar in place at most every ``interval`` seconds; on any other
+stream (a log file, a captured stream) nothing is drawn while the epoch runs and only the
+finished epoch's line is written, once, in the same format.
 """
 
 from __future__ import annotations
@@ -10,7 +11,26 @@ import sys
 import time
 from typing import TextIO
 
-_WIDTH = 20
+from tqdm import tqdm
+
+BAR_FORMAT = "{desc} [{bar:20}] {n_fmt}/{total_fmt} {stats}"
+BAR_CHARS = "-#"  # tqdm's ascii bar: empty, then full
+
+
+class _EpochBar(tqdm):
+    """tqdm with a ``{stats}`` field (loss, accuracy, speed) in its ``bar_format``."""
+
+    stats = ""
+
+    @property
+    def format_dict(self):
+        return {**super().format_dict, "stats": self.stats}
+
+
+def _stats(loss: float, accuracy: float | None, images_per_s: float, skipped: int) -> str:
+    acc = "" if accuracy is None else f" acc {100 * accuracy:5.1f}%"
+    text = f"loss {loss:.4f}{acc} {images_per_s:,.0f} img/s"
+    return text + (f" {skipped} skipped" if skipped else "")
 
 
 class ProgressBar:
@@ -30,12 +50,23 @@ class ProgressBar:
         enabled: bool = True,
         interval: float = 0.2,
     ) -> None:
-        self.label, self.epoch, self.epochs, self.total = label, epoch, epochs, total
+        self.desc, self.total = f"{label} epoch {epoch}/{epochs}", total
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.live = enabled and getattr(self.stream, "isatty", lambda: False)()
         self.interval = interval
         self._last = -float("inf")
+        self._bar = None
+        if self.live:
+            self._bar = _EpochBar(
+                total=total,
+                desc=self.desc,
+                file=self.stream,
+                bar_format=BAR_FORMAT,
+                ascii=BAR_CHARS,
+                mininterval=interval,
+                leave=True,
+            )
 
     def due(self) -> bool:
         """Whether a redraw is due now (callers fetch their running numbers only then)."""
@@ -50,14 +81,19 @@ class ProgressBar:
         skipped: int = 0,
     ) -> str:
         """The bar's text for ``done`` of ``total`` batches (and skipped steps, if any)."""
-        filled = _WIDTH * done // max(self.total, 1)
-        bar = "#" * filled + "-" * (_WIDTH - filled)
-        acc = "" if accuracy is None else f" acc {100 * accuracy:5.1f}%"
-        return (
-            f"{self.label} epoch {self.epoch}/{self.epochs} [{bar}] {done}/{self.total} "
-            f"loss {loss:.4f}{acc} {images_per_s:,.0f} img/s"
-            + (f" {skipped} skipped" if skipped else "")
+        return tqdm.format_meter(
+            done,
+            self.total,
+            0.0,
+            prefix=self.desc,
+            bar_format=BAR_FORMAT,
+            ascii=BAR_CHARS,
+            stats=_stats(loss, accuracy, images_per_s, skipped),
         )
+
+    def _set(self, done: int, stats: str) -> None:
+        self._bar.stats = stats
+        self._bar.n = done
 
     def update(
         self,
@@ -71,9 +107,8 @@ class ProgressBar:
         if not self.live:
             return
         self._last = time.perf_counter()
-        text = self.render(done, loss, accuracy, images_per_s, skipped)
-        self.stream.write("\r" + text + "\x1b[K")
-        self.stream.flush()
+        self._set(done, _stats(loss, accuracy, images_per_s, skipped))
+        self._bar.refresh()
 
     def close(
         self,
@@ -87,9 +122,10 @@ class ProgressBar:
         """Writes the epoch's final line and a newline."""
         if not self.enabled:
             return
-        text = self.render(done, loss, accuracy, images_per_s, skipped)
-        text += f" | {note}" if note else ""
-        self.stream.write(
-            ("\r" if self.live else "") + text + ("\x1b[K" if self.live else "") + "\n"
-        )
+        suffix = f" | {note}" if note else ""
+        if self.live:
+            self._set(done, _stats(loss, accuracy, images_per_s, skipped) + suffix)
+            self._bar.close()  # draws the final state, then a newline
+            return
+        self.stream.write(self.render(done, loss, accuracy, images_per_s, skipped) + suffix + "\n")
         self.stream.flush()

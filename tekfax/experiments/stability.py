@@ -5,7 +5,8 @@ the code path of ``tekfax-compare`` (every optimizer wrapped in ``tekfax.skip_no
 for about ``--steps`` steps (whole epochs of 11 steps) at the tool's default learning rates,
 and reports the final training loss, whether the parameters and loss stayed finite, and how
 many steps were skipped. The Kronecker optimizers run over the papers' damping grid
-(ALGORITHMS.md section 7); ``tkfac-new`` (TKFAC with trace-adaptive damping) over the nu grid.
+(docs/algorithms.md, section 7); ``tkfac-new`` (TKFAC with trace-adaptive damping) over the
+nu grid.
 
     python scripts/stability.py                  # 2,000 steps, the full grid (minutes)
     python scripts/stability.py --steps 200 --optimizers kfac tekfac

@@ -13,7 +13,7 @@ Data parallelism: with a ``mesh`` (:func:`tekfax.sharding.data_mesh`), every bat
 sharded over its ``data`` axis and params and optimizer state are replicated; under
 ``jax.jit`` the statistics stay global-batch statistics, so the run matches one device's up
 to float rounding. With several processes (``jax.distributed.initialize``) every process
-runs ``train`` on the same data and process 0 writes the checkpoints.
+runs ``train`` on the same data and saves the checkpoints, which orbax writes once.
 
 Determinism: epoch ``e`` shuffles with ``np.random.default_rng((seed, e))`` and step ``t``
 samples the Fisher's labels with ``jax.random.fold_in(key, t)``, so a run resumed from its
@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -216,6 +216,287 @@ def _fetch(values: list) -> np.ndarray:
     return np.asarray([sharding.to_host(v) for v in values])
 
 
+class _Plan(NamedTuple):
+    """What stays fixed during a run."""
+
+    model: Any
+    loss: str
+    numeric: dict[str, float]
+    static: dict[str, Any]
+    steps_per_epoch: int
+    boundaries: dict[int, float]
+    identity: dict
+
+
+class _State(NamedTuple):
+    """What each train step updates."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+class _Progress(NamedTuple):
+    """Where the run stands: the finished epochs' records and the counters."""
+
+    records: list[dict]
+    epoch: int
+    step: int
+    diverged: bool
+
+
+class _Programs(NamedTuple):
+    """The compiled train step and evaluation, and the seconds spent compiling them."""
+
+    train_step: Callable | None
+    eval_fn: Callable | None
+    compile_seconds: float
+
+
+class _EpochRun(NamedTuple):
+    """One epoch's passes over the batches, before evaluation."""
+
+    state: _State
+    step: int
+    losses: list
+    correct: list
+    seconds: float
+
+
+def _usable_mesh(config: RunConfig, mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh | None:
+    """The mesh to train over: None for one device in one process."""
+    if mesh is not None and mesh.size == 1 and jax.process_count() == 1:
+        return None
+    if mesh is not None and config.batch_size % mesh.size:
+        raise ValueError(
+            f"batch size {config.batch_size} is not a multiple of the {mesh.size} devices."
+        )
+    return mesh
+
+
+def _plan(config: RunConfig, dataset: Dataset) -> _Plan:
+    """The model, loss, split hyperparameters and the learning-rate schedule's boundaries."""
+    model = create_model(config.model, dataset.num_classes, dataset.input_shape)
+    numeric, static = optimizers.split(config.hparams)
+    steps_per_epoch = len(dataset.x_train) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch size {config.batch_size} exceeds the {len(dataset.x_train)} training examples."
+        )
+    boundaries = optimizers.step_boundaries(config.lr_decay_every, steps_per_epoch, config.epochs)
+    loss = model_loss(config.model)
+    identity = config.identity(dataset)
+    return _Plan(model, loss, numeric, static, steps_per_epoch, boundaries, identity)
+
+
+def _init_state(config: RunConfig, dataset: Dataset, plan: _Plan) -> tuple[_State, jax.Array]:
+    """Fresh params, batch statistics and optimizer state, and the key of the train steps."""
+    key = jax.random.key(config.seed)
+    model_key = (config.model, dataset.num_classes, dataset.input_shape)
+    if model_key not in _PARAM_INITS:  # one program per model, not hundreds of eager ops
+        init = functools.partial(init_variables, plan.model, dataset.input_shape)
+        _PARAM_INITS[model_key] = jax.jit(init)
+    variables = _PARAM_INITS[model_key](jax.random.fold_in(key, 0))
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    opt_key = (*model_key, config.optimizer, tuple(sorted(plan.static.items())))
+    if opt_key not in _OPT_INITS:
+        init = functools.partial(_init_optimizer, config.optimizer, dict(plan.static))
+        _OPT_INITS[opt_key] = jax.jit(init)
+    opt_state = _OPT_INITS[opt_key](params, _numeric_args(plan.numeric))
+    return _State(params, batch_stats, opt_state), jax.random.fold_in(key, 1)
+
+
+def _resume(
+    path: str | os.PathLike, plan: _Plan, epochs: int, state: _State
+) -> tuple[_State, jax.Array, _Progress]:
+    """The state, key and progress saved in the checkpoint at ``path`` (of this same run)."""
+    payload = checkpoint.read(path)
+    if payload["run"] != plan.identity:
+        raise ResumeError(
+            f"{path} belongs to another run:\n  {payload['run']}\nthis run:\n  {plan.identity}"
+        )
+    if payload["epoch"] > epochs:
+        raise ResumeError(f"{path} is at epoch {payload['epoch']}, past --epochs {epochs}.")
+    *restored, key = checkpoint.restore(payload, *state)
+    diverged = bool(payload["extra"].get("diverged", False))
+    progress = _Progress(payload["records"], payload["epoch"], payload["step"], diverged)
+    return _State(*restored), key, progress
+
+
+def _programs(
+    config: RunConfig,
+    dataset: Dataset,
+    plan: _Plan,
+    state: _State,
+    key: jax.Array,
+    mesh: jax.sharding.Mesh | None,
+    pending: bool,
+) -> _Programs:
+    """The (cached) train step and evaluation, compiled now when epochs are pending."""
+    cache_key = (config.model, dataset.num_classes, dataset.input_shape, plan.loss)
+    step_key = (*cache_key, config.optimizer, config.batch_size)
+    step_key += (tuple(sorted(plan.static.items())), tuple(sorted(plan.boundaries.items())), mesh)
+    compile_seconds = 0.0
+    if pending and (step_key not in _STEPS or cache_key not in _EVALS):
+        tic = time.perf_counter()
+        make = functools.partial(_make_step, plan.model, plan.loss, config.optimizer)
+        train_step = _STEPS.setdefault(step_key, make(plan.static, plan.boundaries, mesh))
+        eval_fn = _EVALS.setdefault(cache_key, _make_eval(plan.model, plan.loss))
+        # a real batch: all-zero inputs make degenerate factors whose eigh is slow
+        x0 = dataset.x_train[: config.batch_size]
+        y0 = targets_for(plan.loss, dataset, x0, dataset.y_train[: config.batch_size])
+        if mesh is not None:
+            x0, y0 = sharding.shard_batch(mesh, (x0, y0))
+        args = _numeric_args(plan.numeric)
+        jax.block_until_ready(train_step(*state, args, x0, y0, key, np.int32(0)))
+        evaluate(eval_fn, state.params, state.batch_stats, dataset, plan.loss, mesh)
+        compile_seconds = time.perf_counter() - tic
+    return _Programs(_STEPS.get(step_key), _EVALS.get(cache_key), compile_seconds)
+
+
+def _run_batches(
+    config: RunConfig,
+    dataset: Dataset,
+    plan: _Plan,
+    train_step: Callable,
+    state: _State,
+    key: jax.Array,
+    step: int,
+    epoch: int,
+    bar: ProgressBar,
+    mesh: jax.sharding.Mesh | None,
+) -> _EpochRun:
+    """One pass over the shuffled batches of epoch ``epoch``, redrawing ``bar`` when due."""
+    rng = np.random.default_rng((config.seed, epoch))
+    args = _numeric_args(plan.numeric)
+    losses, correct = [], []
+    loss_sum, correct_sum, fetched = 0.0, 0.0, 0
+    classification = plan.loss == "softmax_cross_entropy"
+    tic = time.perf_counter()
+    x, y = dataset.x_train, dataset.y_train
+    batches = iterate_batches(x, y, config.batch_size, rng, dataset.augment)
+    for i, (xb, yb) in enumerate(batches):
+        yb = targets_for(plan.loss, dataset, xb, yb)
+        if mesh is not None:
+            xb, yb = sharding.shard_batch(mesh, (xb, yb))
+        *new_state, value, batch_correct = train_step(*state, args, xb, yb, key, np.int32(step))
+        state, step = _State(*new_state), step + 1
+        losses.append(value)
+        correct.append(batch_correct)
+        if bar.due():  # fetch the running numbers only for a redraw
+            loss_sum += float(np.sum(_fetch(losses[fetched:])))
+            correct_sum += float(np.sum(_fetch(correct[fetched:])))
+            fetched = i + 1
+            seen = fetched * config.batch_size
+            accuracy = correct_sum / seen if classification else None
+            rate = seen / (time.perf_counter() - tic)
+            bar.update(fetched, loss_sum / fetched, accuracy, rate, _skipped(state.opt_state))
+    jax.block_until_ready(state.params)
+    return _EpochRun(state, step, losses, correct, time.perf_counter() - tic)
+
+
+def _epoch_record(
+    config: RunConfig,
+    dataset: Dataset,
+    plan: _Plan,
+    eval_fn: Callable,
+    run: _EpochRun,
+    epoch: int,
+    learning_rate: float,
+    cumulative: float,
+    mesh: jax.sharding.Mesh | None,
+) -> dict:
+    """The epoch's record: train metrics of ``run``, test metrics, learning rate and timing."""
+    # Skipped (non-finite) batches are left out; an epoch with no finite batch diverged.
+    epoch_losses = np.asarray(_fetch(run.losses), np.float64)
+    finite = np.isfinite(epoch_losses)
+    train_loss = float(np.mean(epoch_losses[finite])) if finite.any() else math.nan
+    seen = len(run.losses) * config.batch_size
+    train_accuracy = None
+    if plan.loss == "softmax_cross_entropy":
+        train_accuracy = float(np.sum(_fetch(run.correct))) / seen
+    tic = time.perf_counter()
+    params, batch_stats = run.state.params, run.state.batch_stats
+    test_loss, test_accuracy = evaluate(eval_fn, params, batch_stats, dataset, plan.loss, mesh)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "learning_rate": learning_rate,
+        "epoch_seconds": run.seconds,
+        "eval_seconds": time.perf_counter() - tic,
+        "cumulative_seconds": cumulative + run.seconds,
+        "images_per_second": seen / run.seconds,
+        "skipped_steps": _skipped(run.state.opt_state),
+    }
+
+
+def _close_bar(bar: ProgressBar, record: dict, steps: int, diverged: bool) -> None:
+    """The epoch's final line: train metrics, then the test metric (and divergence)."""
+    if record["test_accuracy"] is None:
+        note = f"test loss {record['test_loss']:.4f}"
+    else:
+        note = f"test acc {100 * record['test_accuracy']:.2f}%"
+    note += " (diverged)" if diverged else ""
+    rate = record["images_per_second"]
+    args = (record["train_loss"], record["train_accuracy"], rate, note, record["skipped_steps"])
+    bar.close(steps, *args)
+
+
+def _host_state(state: _State, mesh: jax.sharding.Mesh | None) -> _State:
+    """The state on the host (replicated arrays spanning processes are read locally)."""
+    if mesh is None:
+        return state
+    return _State(*jax.tree_util.tree_map(sharding.to_host, tuple(state)))
+
+
+def _save(path, state: _State, key: jax.Array, seed: int, plan: _Plan, progress: _Progress):
+    """Checkpoints the finished epoch (every process calls it; orbax writes once)."""
+    checkpoint.save(
+        path,
+        params=state.params,
+        batch_stats=state.batch_stats,
+        opt_state=state.opt_state,
+        key=key,
+        seed=seed,
+        epoch=progress.epoch,
+        step=progress.step,
+        records=progress.records,
+        run=plan.identity,
+        extra={"diverged": progress.diverged},
+    )
+
+
+def _train_epoch(
+    config: RunConfig,
+    dataset: Dataset,
+    plan: _Plan,
+    programs: _Programs,
+    state: _State,
+    key: jax.Array,
+    progress: _Progress,
+    bar: ProgressBar,
+    mesh: jax.sharding.Mesh | None,
+) -> tuple[_State, _Progress]:
+    """Trains and evaluates epoch ``progress.epoch``; returns the new state and progress."""
+    epoch, records = progress.epoch, progress.records
+    learning_rate = optimizers.learning_rate_at(
+        plan.numeric["learning_rate"], progress.step, plan.boundaries
+    )
+    run = _run_batches(
+        config, dataset, plan, programs.train_step, state, key, progress.step, epoch, bar, mesh
+    )
+    cumulative = records[-1]["cumulative_seconds"] if records else 0.0
+    record = _epoch_record(
+        config, dataset, plan, programs.eval_fn, run, epoch, learning_rate, cumulative, mesh
+    )
+    diverged = not math.isfinite(record["train_loss"])
+    _close_bar(bar, record, len(run.losses), diverged)
+    return run.state, _Progress([*records, record], epoch + 1, run.step, diverged)
+
+
 def train(
     config: RunConfig,
     dataset: Dataset,
@@ -233,192 +514,39 @@ def train(
       config: model, optimizer, resolved hyperparameters, seed, epochs, batch size and the
         step schedule (learning rate x0.1 every ``lr_decay_every`` epochs).
       dataset: trains on its train split, reports loss and accuracy on its test split.
-      checkpoint_path: where to write the checkpoint after each epoch (None: no checkpoint).
-      resume: continue from ``checkpoint_path`` if it exists (it must be the same run).
+      checkpoint_path: the folder of the run's checkpoint, written after each epoch (None: no
+        checkpoint).
+      resume: continue from ``checkpoint_path`` if it holds one (it must be the same run).
       label: progress-bar prefix. progress: show the bar. stream: its stream (stderr).
       mesh: train data-parallel over this one-axis mesh (``config.batch_size`` must be a
         multiple of its size); None (or one device) trains on the default device.
     """
-    if mesh is not None and mesh.size == 1 and jax.process_count() == 1:
-        mesh = None
-    if mesh is not None and config.batch_size % mesh.size:
-        raise ValueError(
-            f"batch size {config.batch_size} is not a multiple of the {mesh.size} devices."
-        )
+    mesh = _usable_mesh(config, mesh)
     label = label or f"{config.optimizer} seed {config.seed}"
-    loss = model_loss(config.model)
-    input_shape = dataset.input_shape
-    model = create_model(config.model, dataset.num_classes, input_shape)
-    numeric, static = optimizers.split(config.hparams)
-    steps_per_epoch = len(dataset.x_train) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"batch size {config.batch_size} exceeds the {len(dataset.x_train)} training examples."
-        )
-    boundaries = optimizers.step_boundaries(config.lr_decay_every, steps_per_epoch, config.epochs)
-
-    key = jax.random.key(config.seed)
-    model_key = (config.model, dataset.num_classes, input_shape)
-    if model_key not in _PARAM_INITS:  # one program per model, not hundreds of eager ops
-        _PARAM_INITS[model_key] = jax.jit(functools.partial(init_variables, model, input_shape))
-    variables = _PARAM_INITS[model_key](jax.random.fold_in(key, 0))
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    opt_key = (*model_key, config.optimizer, tuple(sorted(static.items())))
-    if opt_key not in _OPT_INITS:
-        _OPT_INITS[opt_key] = jax.jit(
-            functools.partial(_init_optimizer, config.optimizer, dict(static))
-        )
-    opt_state = _OPT_INITS[opt_key](params, _numeric_args(numeric))
-    train_key = jax.random.fold_in(key, 1)
-    records: list[dict] = []
-    start_epoch, step, diverged = 0, 0, False
-    identity = config.identity(dataset)
-    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        payload = checkpoint.read(checkpoint_path)
-        if payload["run"] != identity:
-            raise ResumeError(
-                f"{checkpoint_path} belongs to another run:\n  {payload['run']}\n"
-                f"this run:\n  {identity}"
-            )
-        if payload["epoch"] > config.epochs:
-            raise ResumeError(
-                f"{checkpoint_path} is at epoch {payload['epoch']}, past --epochs {config.epochs}."
-            )
-        params, batch_stats, opt_state, train_key = checkpoint.restore(
-            payload, params, batch_stats, opt_state
-        )
-        records, start_epoch, step = payload["records"], payload["epoch"], payload["step"]
-        diverged = bool(payload["extra"].get("diverged", False))
-    resumed_from = start_epoch
-    host_state = (params, batch_stats, opt_state)
+    plan = _plan(config, dataset)
+    state, train_key = _init_state(config, dataset, plan)
+    done = _Progress([], 0, 0, False)
+    if resume and checkpoint_path is not None and checkpoint.exists(checkpoint_path):
+        state, train_key, done = _resume(checkpoint_path, plan, config.epochs, state)
+    resumed_from, host_state, key = done.epoch, state, train_key
     if mesh is not None:
-        params, batch_stats, opt_state = sharding.replicate(mesh, host_state)
-    step_key_array = train_key if mesh is None else sharding.replicate(mesh, train_key)
-
-    cache_key = (config.model, dataset.num_classes, input_shape, loss, config.optimizer)
-    step_key = (*cache_key, config.batch_size, tuple(sorted(static.items())))
-    step_key += (tuple(sorted(boundaries.items())), mesh)
-    args = _numeric_args(numeric)
-    compile_seconds = 0.0
-    pending = start_epoch < config.epochs and not diverged
-    if pending and (step_key not in _STEPS or cache_key[:4] not in _EVALS):
-        tic = time.perf_counter()
-        train_step = _STEPS.setdefault(
-            step_key, _make_step(model, loss, config.optimizer, static, boundaries, mesh)
-        )
-        eval_fn = _EVALS.setdefault(cache_key[:4], _make_eval(model, loss))
-        # a real batch: all-zero inputs make degenerate factors whose eigh is slow
-        x0 = dataset.x_train[: config.batch_size]
-        y0 = targets_for(loss, dataset, x0, dataset.y_train[: config.batch_size])
-        if mesh is not None:
-            x0, y0 = sharding.shard_batch(mesh, (x0, y0))
-        jax.block_until_ready(
-            train_step(params, batch_stats, opt_state, args, x0, y0, step_key_array, np.int32(0))
-        )
-        evaluate(eval_fn, params, batch_stats, dataset, loss, mesh)
-        compile_seconds = time.perf_counter() - tic
-    train_step, eval_fn = _STEPS.get(step_key), _EVALS.get(cache_key[:4])
-
-    cumulative = records[-1]["cumulative_seconds"] if records else 0.0
-    for epoch in range(start_epoch, config.epochs):
-        if diverged:
-            break
-        rng = np.random.default_rng((config.seed, epoch))
-        lr_now = optimizers.learning_rate_at(numeric["learning_rate"], step, boundaries)
-        bar = ProgressBar(label, epoch + 1, config.epochs, steps_per_epoch, stream, progress)
-        batch_losses, batch_correct = [], []
-        loss_sum, correct_sum, fetched = 0.0, 0.0, 0
-        tic = time.perf_counter()
-        batches = iterate_batches(
-            dataset.x_train, dataset.y_train, config.batch_size, rng, dataset.augment
-        )
-        for i, (xb, yb) in enumerate(batches):
-            yb = targets_for(loss, dataset, xb, yb)
-            if mesh is not None:
-                xb, yb = sharding.shard_batch(mesh, (xb, yb))
-            params, batch_stats, opt_state, value, correct = train_step(
-                params, batch_stats, opt_state, args, xb, yb, step_key_array, np.int32(step)
-            )
-            step += 1
-            batch_losses.append(value)
-            batch_correct.append(correct)
-            if bar.due():
-                loss_sum += float(np.sum(_fetch(batch_losses[fetched:])))
-                correct_sum += float(np.sum(_fetch(batch_correct[fetched:])))
-                fetched = i + 1
-                seen = fetched * config.batch_size
-                accuracy = correct_sum / seen if loss == "softmax_cross_entropy" else None
-                rate = seen / (time.perf_counter() - tic)
-                skipped = _skipped(opt_state)
-                bar.update(fetched, loss_sum / fetched, accuracy, rate, skipped)
-        jax.block_until_ready(params)
-        epoch_seconds = time.perf_counter() - tic
-        # Skipped (non-finite) batches are left out; an epoch with no finite batch diverged.
-        epoch_losses = np.asarray(_fetch(batch_losses), np.float64)
-        finite = np.isfinite(epoch_losses)
-        train_loss = float(np.mean(epoch_losses[finite])) if finite.any() else math.nan
-        skipped = _skipped(opt_state)
-        seen = len(batch_losses) * config.batch_size
-        train_accuracy = (
-            float(np.sum(_fetch(batch_correct))) / seen if loss == "softmax_cross_entropy" else None
-        )
-        tic = time.perf_counter()
-        test_loss, test_accuracy = evaluate(eval_fn, params, batch_stats, dataset, loss, mesh)
-        eval_seconds = time.perf_counter() - tic
-        cumulative += epoch_seconds
-        diverged = not math.isfinite(train_loss)
-        records.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_accuracy": train_accuracy,
-                "test_loss": test_loss,
-                "test_accuracy": test_accuracy,
-                "learning_rate": lr_now,
-                "epoch_seconds": epoch_seconds,
-                "eval_seconds": eval_seconds,
-                "cumulative_seconds": cumulative,
-                "images_per_second": seen / epoch_seconds,
-                "skipped_steps": skipped,
-            }
-        )
-        test_text = (
-            f"test loss {test_loss:.4f}"
-            if test_accuracy is None
-            else f"test acc {100 * test_accuracy:.2f}%"
-        )
-        bar.close(
-            len(batch_losses),
-            train_loss,
-            train_accuracy,
-            seen / epoch_seconds,
-            test_text + (" (diverged)" if diverged else ""),
-            skipped,
-        )
-        if mesh is not None:
-            host_state = jax.tree_util.tree_map(sharding.to_host, (params, batch_stats, opt_state))
-        else:
-            host_state = (params, batch_stats, opt_state)
-        if checkpoint_path is not None and jax.process_index() == 0:
-            checkpoint.save(
-                checkpoint_path,
-                params=host_state[0],
-                batch_stats=host_state[1],
-                opt_state=host_state[2],
-                key=train_key,
-                seed=config.seed,
-                epoch=epoch + 1,
-                step=step,
-                records=records,
-                run=identity,
-                extra={"diverged": diverged},
-            )
+        state = _State(*sharding.replicate(mesh, tuple(state)))
+        key = sharding.replicate(mesh, train_key)
+    pending = done.epoch < config.epochs and not done.diverged
+    programs = _programs(config, dataset, plan, state, key, mesh, pending)
+    while done.epoch < config.epochs and not done.diverged:
+        steps, epochs = plan.steps_per_epoch, config.epochs
+        bar = ProgressBar(label, done.epoch + 1, epochs, steps, stream, progress)
+        state, done = _train_epoch(config, dataset, plan, programs, state, key, done, bar, mesh)
+        host_state = _host_state(state, mesh)
+        if checkpoint_path is not None:
+            _save(checkpoint_path, host_state, train_key, config.seed, plan, done)
     return RunResult(
         config,
-        records,
+        done.records,
         *host_state,
-        compile_seconds,
-        diverged,
+        programs.compile_seconds,
+        done.diverged,
         resumed_from,
-        _skipped(opt_state),
+        _skipped(state.opt_state),
     )
