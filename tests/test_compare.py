@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from tekfax.experiments import checkpoint, optimizers, report
-from tekfax.experiments.compare import main
-from tekfax.experiments.data import load_dataset
+from tekfax.experiments import checkpoint, compare, optimizers, report
+from tekfax.experiments.compare import build_parser, main
+from tekfax.experiments.data import iterate_batches, load_dataset
 from tekfax.experiments.progress import ProgressBar
 from tekfax.experiments.train import TIMING_FIELDS, ResumeError, RunConfig, train
 
@@ -38,6 +38,8 @@ RECORD_KEYS = {
     "skipped_steps",
 }
 TEKFAC = ["--lr", "tekfac=0.03", "--damping", "0.3"]
+README = pathlib.Path(__file__).parent.parent / "README.md"
+WARNING = re.compile(r"^tekfax-compare: (warning: .*)$", re.M)
 
 
 def _compare(out: pathlib.Path, *flags: str) -> dict:
@@ -90,7 +92,12 @@ def test_results_json_schema_and_config_echo(two_seeds):
             sum(r["epoch_seconds"] for r in run["records"])
         )
         assert run["records"][-1]["test_accuracy"] > 0.5  # both learn
+        # healthy: no skipped step, no divergence, no warning
+        assert run["skipped_steps"] == 0 and run["steps"] == 22 and run["warning"] is None
+        assert not run["diverged"] and run["diverged_epoch"] is None
+        assert run["initial_loss"] == pytest.approx(math.log(10), rel=0.2)
     assert runs[0]["records"] != runs[1]["records"]  # seeds differ
+    assert results["warnings"] == [] and "Notes:" not in results["table"]
 
 
 def test_seeds_give_mean_and_std(two_seeds):
@@ -229,6 +236,7 @@ def test_mlp_runs_with_progress_lines(tmp_path, capsys):
         line = rf"^{name} seed 0 epoch 1/1 \[#{{20}}\] 11/11 loss [\d.]+ acc +[\d.]+% [\d,]+ img/s"
         assert len(re.findall(line + r" \| test acc [\d.]+%$", captured.err, re.M)) == 1
     assert "\r" not in captured.err and "| digits | mlp |" in captured.out
+    assert "warning" not in captured.err and "Notes:" not in captured.out  # a healthy run
     assert results["config"]["model"] == "mlp"
     assert [len(r["records"]) for r in results["runs"]] == [1, 1]
     assert "| digits | mlp |" in (out / "table.md").read_text()
@@ -372,3 +380,79 @@ def test_single_threaded_lapack_limits_every_blas_library():
         single_threaded_lapack()
         blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
         assert blas and all(i["num_threads"] == 1 for i in blas)
+
+
+def _assert_warned(out: pathlib.Path, results: dict, err: str, expected: list[str]) -> None:
+    """Each expected warning is on stderr, in results.json and under the table, and no other."""
+    assert WARNING.findall(err) == expected
+    assert results["warnings"] == expected
+    assert [r["warning"] for r in results["runs"] if r["warning"]] == expected
+    table = (out / "table.md").read_text()
+    assert table.endswith("Notes:\n" + "".join(f"- {line}\n" for line in expected))
+
+
+def test_a_diverging_run_prints_and_records_a_warning(tmp_path, capsys):
+    out = tmp_path / "diverge"
+    flags = ["--model", "mlp", "--optimizers", "sgdm", "kfac", "--epochs", "3"]
+    results = _compare(out, *flags, "--lr", "kfac=1000")  # absurd: kfac diverges
+    err = capsys.readouterr().err
+    sgdm, kfac = results["runs"]
+    assert sgdm["warning"] is None and not sgdm["diverged"]
+    assert kfac["diverged"] and kfac["diverged_epoch"] == len(kfac["records"]) < 3
+    final = kfac["records"][-1]["train_loss"]
+    assert final is None or final > 10 * kfac["initial_loss"]  # the documented rule
+    epoch = kfac["diverged_epoch"]
+    assert re.search(rf"kfac seed 0 .*diverged at epoch {epoch} of 3 \(training loss", err)
+    assert results["summary"]["kfac"]["diverged"] == 1
+    _assert_warned(out, results, err, [kfac["warning"]])
+
+
+def test_nan_batches_print_and_record_a_warning(tmp_path, monkeypatch, capsys):
+    digits = load_dataset("digits")
+    poisoned = np.array([5, 700])  # training examples with a NaN pixel
+    x_train = digits.x_train.copy()
+    x_train[poisoned, 0, 0, 0] = np.nan
+    monkeypatch.setattr(
+        compare, "load_dataset", lambda *a, **k: dataclasses.replace(digits, x_train=x_train)
+    )
+    index = np.arange(len(x_train))
+    batches = iterate_batches(index, index, 128, np.random.default_rng((0, 0)), digits.augment)
+    expected = sum(bool(np.isin(yb, poisoned).any()) for _, yb in batches)
+    out = tmp_path / "nan"
+    results = _compare(out, "--model", "mlp", "--optimizers", "kfac", "--epochs", "1")
+    err = capsys.readouterr().err
+    (run,) = results["runs"]
+    assert run["skipped_steps"] == expected >= 1 and run["steps"] == 11
+    assert not run["diverged"]
+    line = f"warning: kfac seed 0 skipped {expected} of 11 steps (non-finite gradient"
+    assert run["warning"].startswith(line)
+    _assert_warned(out, results, err, [run["warning"]])
+
+
+def _tool_defaults_differing_from_the_library() -> set[str]:
+    return {
+        key
+        for key in (*optimizers.NUMERIC, *optimizers.STATIC)
+        for name, defaults in optimizers.DEFAULTS.items()
+        if optimizers.is_kronecker(name)
+        and key in defaults
+        and defaults[key] != optimizers.library_default(key)
+    }
+
+
+def test_readme_and_help_name_every_default_that_differs_from_the_library():
+    assert _tool_defaults_differing_from_the_library() == set(optimizers.DIFFERENCES)
+    section = README.read_text().split("## Comparing optimizers: `tekfax-compare`")[1]
+    section = section.split("\n## ")[0]
+    row = re.compile(r"^\| `--([\w-]+)` \| (.*?) \| (.*?) \| (.*?) \|$", re.M)
+    rows = {m[1]: (m[2], m[3], m[4]) for m in row.finditer(section)}
+    flag_of = {key: flag for flag, (key, _) in optimizers.FLAGS.items()}
+    assert set(rows) == {flag_of[key] for key in optimizers.DIFFERENCES}
+    for key in optimizers.DIFFERENCES:
+        library = optimizers.describe(optimizers.library_default(key))
+        why = optimizers.DIFFERENCES[key]
+        assert rows[flag_of[key]] == (optimizers.describe_defaults(key), library, why), key
+    help_text = re.sub(r"\s", "", build_parser().format_help())
+    for key, why in optimizers.DIFFERENCES.items():
+        assert re.sub(r"\s", "", why) in help_text, key
+    assert optimizers.DEFAULTS["kfac"]["curvature_every"] == 10  # the library's, measured

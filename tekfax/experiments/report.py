@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from tekfax.experiments.optimizers import DISPLAY_NAMES
+from tekfax.experiments.train import DIVERGENCE_FACTOR
 
 CSV_FIELDS = (
     "optimizer",
@@ -94,6 +95,49 @@ def write_csv(path: str | os.PathLike, runs: Sequence[Mapping]) -> None:
             for record in run["records"]:
                 row = {"optimizer": run["optimizer"], "seed": run["seed"], **record}
                 writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
+
+
+def run_warning(entry: Mapping, label: str | None = None) -> str | None:
+    """The warning line of a run entry that skipped steps or diverged; None for a healthy run.
+
+    ``entry`` is a run of ``results.json`` (``optimizer``, ``seed``, ``epochs``, ``steps``,
+    ``skipped_steps``, ``diverged``, ``initial_loss`` and ``records``); ``label`` replaces
+    ``"<optimizer> seed <seed>"``. Divergence follows
+    :func:`tekfax.experiments.train.has_diverged`.
+
+    Example:
+      >>> from tekfax.experiments.report import run_warning
+      >>> run = {"optimizer": "kfac", "seed": 0, "epochs": 20, "steps": 22, "skipped_steps": 3,
+      ...        "diverged": True, "initial_loss": 2.3, "records": [{}, {"train_loss": 357.0}]}
+      >>> print(run_warning(run))
+      warning: kfac seed 0 skipped 3 of 22 steps (non-finite gradient, statistics or update;
+      not applied) and diverged at epoch 2 of 20 (training loss 357 > 10 x its initial loss
+      2.3); training stopped there
+      >>> run_warning({**run, "skipped_steps": 0, "diverged": False}) is None
+      True
+    """
+    problems = []
+    skipped = int(entry.get("skipped_steps") or 0)
+    if skipped:
+        problems.append(
+            f"skipped {skipped} of {entry.get('steps', '?')} steps "
+            "(non-finite gradient, statistics or update; not applied)"
+        )
+    if entry.get("diverged"):
+        records = entry["records"]
+        loss = records[-1].get("train_loss") if records else None
+        if loss is None or not math.isfinite(loss):
+            why = "training loss not finite"
+        else:
+            why = f"training loss {loss:.3g} > {DIVERGENCE_FACTOR:g} x its initial loss "
+            why += f"{float(entry.get('initial_loss') or math.nan):.3g}"
+        problems.append(
+            f"diverged at epoch {len(records)} of {entry['epochs']} ({why}); training stopped there"
+        )
+    if not problems:
+        return None
+    label = label or f"{entry['optimizer']} seed {entry['seed']}"
+    return f"warning: {label} " + " and ".join(problems)
 
 
 def metric_of(classification: bool) -> tuple[str, bool]:
@@ -178,8 +222,12 @@ def format_table(
     batch_size: int,
     classification: bool,
     target: float | None,
+    warnings: Sequence[str] = (),
 ) -> str:
-    """The papers' Table 3 row (data, model, one column per optimizer) and a per-optimizer table."""
+    """The papers' Table 3 row (data, model, one column per optimizer) and a per-optimizer table.
+
+    ``warnings`` (lines of :func:`run_warning`) are listed under the tables.
+    """
     names = list(summary)
     seeds = max((entry["seeds"] for entry in summary.values()), default=0)
     scale, digits, what = (
@@ -210,6 +258,8 @@ def format_table(
             f"| {entry['epoch_seconds']:.3f} | {_to_target(entry, 'epochs_to_target', 1)} "
             f"| {_to_target(entry, 'seconds_to_target', 2)} |"
         )
+    if warnings:
+        lines += ["", "Notes:", *(f"- {line}" for line in warnings)]
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,11 @@ Every optimizer is wrapped in :func:`tekfax.skip_non_finite`: a step with a non-
 gradient, statistic or result is skipped (parameters and optimizer state unchanged) and
 counted; the count is shown in the progress bar and recorded as ``skipped_steps``.
 
+Divergence: a run *diverged* at the first epoch whose mean training loss (over its finite
+batches) is not finite (no batch was finite) or exceeds :data:`DIVERGENCE_FACTOR` times the
+run's initial loss, the loss of its first finite step, computed before any update
+(:func:`has_diverged`). Training stops after that epoch; ``RunResult.diverged_epoch`` names it.
+
 The jitted train step uses :func:`tekfax.loss_and_curvature` (statistics only on the steps
 that consume them, ``compute_stats=tekfax.stats_needed(opt_state)``) for the Kronecker
 optimizers and ``jax.value_and_grad`` for the first-order ones. Numeric hyperparameters are
@@ -44,6 +49,20 @@ from tekfax.experiments.progress import ProgressBar
 
 EVAL_CHUNK = 500
 TIMING_FIELDS = ("epoch_seconds", "eval_seconds", "cumulative_seconds", "images_per_second")
+DIVERGENCE_FACTOR = 10.0
+
+
+def has_diverged(train_loss: float, initial_loss: float | None) -> bool:
+    """Whether an epoch's mean training loss means the run diverged (see the module docstring).
+
+    Example:
+      >>> from tekfax.experiments.train import has_diverged
+      >>> has_diverged(float("nan"), 2.3), has_diverged(357.0, 2.3), has_diverged(0.4, 2.3)
+      (True, True, False)
+    """
+    if not math.isfinite(train_loss):
+        return True
+    return initial_loss is not None and train_loss > DIVERGENCE_FACTOR * abs(initial_loss)
 
 
 class ResumeError(ValueError):
@@ -89,6 +108,13 @@ class RunResult:
     diverged: bool
     resumed_from_epoch: int
     skipped_steps: int = 0
+    steps: int = 0
+    initial_loss: float | None = None
+
+    @property
+    def diverged_epoch(self) -> int | None:
+        """The epoch (from 1) at which divergence was detected, or None."""
+        return len(self.records) if self.diverged else None
 
 
 _STEPS: dict[tuple, Callable] = {}
@@ -243,6 +269,7 @@ class _Progress(NamedTuple):
     epoch: int
     step: int
     diverged: bool
+    initial_loss: float | None = None
 
 
 class _Programs(NamedTuple):
@@ -318,8 +345,9 @@ def _resume(
     if payload["epoch"] > epochs:
         raise ResumeError(f"{path} is at epoch {payload['epoch']}, past --epochs {epochs}.")
     *restored, key = checkpoint.restore(payload, *state)
-    diverged = bool(payload["extra"].get("diverged", False))
-    progress = _Progress(payload["records"], payload["epoch"], payload["step"], diverged)
+    extra = payload["extra"]
+    diverged, initial = bool(extra.get("diverged", False)), extra.get("initial_loss")
+    progress = _Progress(payload["records"], payload["epoch"], payload["step"], diverged, initial)
     return _State(*restored), key, progress
 
 
@@ -465,7 +493,7 @@ def _save(path, state: _State, key: jax.Array, seed: int, plan: _Plan, progress:
         step=progress.step,
         records=progress.records,
         run=plan.identity,
-        extra={"diverged": progress.diverged},
+        extra={"diverged": progress.diverged, "initial_loss": progress.initial_loss},
     )
 
 
@@ -492,9 +520,13 @@ def _train_epoch(
     record = _epoch_record(
         config, dataset, plan, programs.eval_fn, run, epoch, learning_rate, cumulative, mesh
     )
-    diverged = not math.isfinite(record["train_loss"])
+    initial = progress.initial_loss
+    if initial is None:
+        finite = [v for v in np.asarray(_fetch(run.losses), np.float64) if math.isfinite(v)]
+        initial = float(finite[0]) if finite else None
+    diverged = has_diverged(record["train_loss"], initial)
     _close_bar(bar, record, len(run.losses), diverged)
-    return run.state, _Progress([*records, record], epoch + 1, run.step, diverged)
+    return run.state, _Progress([*records, record], epoch + 1, run.step, diverged, initial)
 
 
 def train(
@@ -549,4 +581,6 @@ def train(
         done.diverged,
         resumed_from,
         _skipped(state.opt_state),
+        done.step,
+        done.initial_loss,
     )

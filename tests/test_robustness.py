@@ -1,0 +1,109 @@
+"""The robustness panel (tekfax.experiments.robustness): grid cells, divergence, the table."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import tekfax
+from tekfax import losses
+from tekfax.experiments import robustness as rb
+from tekfax.experiments.data import load_dataset
+from tekfax.experiments.models import create_model, init_variables
+
+TASK = rb.TASKS["digits-mlp"]
+STEPS, EVALS = 6, 2
+
+
+@pytest.fixture(scope="module")
+def data():
+    return rb.task_data(TASK, load_dataset("digits"), STEPS, seed=0)
+
+
+def _reference(data, name, lr, damping):
+    """One cell trained by a plain Python loop: no inject_hyperparams, scan or vmap."""
+    model = create_model("mlp", 10, (8, 8, 1))
+    key = jax.random.key(0)
+    params = init_variables(model, (8, 8, 1), jax.random.fold_in(key, 0))["params"]
+    opt = tekfax.kfac(lr, damping=damping) if name == "kfac" else optax.adam(lr)
+    state = opt.init(params)
+    step_key = jax.random.fold_in(key, 1)
+    values = []
+    for t, idx in enumerate(np.asarray(data.batches)):
+        x, y = data.x_train[idx], data.t_train[idx]
+
+        def logits_fn(p, x=x):
+            return model.apply({"params": p}, x)
+
+        if name == "kfac":
+            out = tekfax.loss_and_curvature(
+                logits_fn, params, y, rng=jax.random.fold_in(step_key, t)
+            )
+            updates, state = opt.update(out.grads, state, params, stats=out.stats)
+            values.append(out.loss)
+        else:
+            loss_fn = lambda p, x=x, y=y: losses.mean_loss("softmax_cross_entropy", logits_fn(p), y)  # noqa: E731
+            value, grads = jax.value_and_grad(loss_fn)(params)
+            updates, state = opt.update(grads, state, params)
+            values.append(value)
+        params = optax.apply_updates(params, updates)
+    logits = model.apply({"params": params}, data.x_test)
+    accuracy = 100.0 * np.mean(np.argmax(logits, -1) == np.asarray(data.t_test))
+    return np.asarray(values), accuracy
+
+
+# Kronecker cells are not vmapped on CPU: batched eigh under vmap deadlocks XLA:CPU, so
+# run_grid maps them there (the "auto" batching); vmap is covered by the first-order case.
+@pytest.mark.parametrize("name,batching", [("adam", "vmap"), ("kfac", "map")])
+def test_grid_cells_equal_single_runs(data, name, batching):
+    """Every cell of the one-program grid run equals its own plain training loop."""
+    cells = rb.make_cells(name, lrs=[0.01, 0.1], values=[1e-2, 0.3])
+    run = rb.run_grid(TASK, name, data, cells, evals=EVALS, batching=batching)
+    for i in range(len(cells.learning_rate)):
+        lr, value = float(cells.learning_rate[i]), float(cells.value[i])
+        values, accuracy = _reference(data, name, lr, value)
+        chunks = values.reshape(EVALS, -1).mean(axis=1)
+        np.testing.assert_allclose(run.result.train_loss[i], chunks, rtol=2e-4, atol=1e-5)
+        np.testing.assert_allclose(run.result.metric[i, -1], accuracy, atol=0.3)
+
+
+def test_a_diverging_cell_is_counted_and_leaves_the_others_alone(data):
+    lrs = [0.03, 1e6]
+    cells = rb.make_cells("adam", lrs=lrs)
+    run = rb.run_grid(TASK, "adam", data, cells, evals=EVALS)
+    alone = rb.run_grid(TASK, "adam", data, rb.make_cells("adam", lrs=lrs[:1]), evals=EVALS)
+    assert run.result.diverged.tolist() == [False, True]
+    # the same up to float rounding (a batch of 2 cells vs 1)
+    np.testing.assert_allclose(run.result.train_loss[0], alone.result.train_loss[0], rtol=1e-6)
+    np.testing.assert_allclose(run.result.metric[0], alone.result.metric[0], atol=1e-4)
+    row = rb.summarise(run, accuracy=True)
+    assert (row.cells, row.diverged_pct, row.near_best_pct) == (2, 50.0, 50.0)
+    assert row.best_lr == pytest.approx(0.03) and row.best_value is None
+
+
+def test_panel_table_and_json(tmp_path, capsys):
+    out = tmp_path / "panel.json"
+    argv = ["--tasks", "digits-mlp", "--optimizers", "adam", "kfac", "tkfac-new"]
+    argv += ["--steps", "4", "--evals", "2", "--lrs", "0.01", "1e6"]
+    argv += ["--dampings", "0.1", "0.3", "--nus", "10", "100", "--json", str(out)]
+    assert rb.main(argv) == 0
+    table = capsys.readouterr().out
+    header = "| optimizer | cells | diverged | near-best | best (cell) | Adam: diverged / "
+    header += "near-best / best |"
+    assert header in table
+    for name in ("Adam", "KFAC", "TKFAC-new"):
+        assert f"| {name} | " in table
+    panel = json.loads(out.read_text())
+    assert panel["config"]["steps"] == 4 and panel["config"]["lrs"] == [0.01, 1e6]
+    rows = {r["optimizer"]: r for r in panel["summary"]}
+    assert rows["adam"]["cells"] == 2 and rows["kfac"]["cells"] == 4 == rows["tkfac-new"]["cells"]
+    # lr 1e6 diverges everywhere, lr 0.01 nowhere
+    for grid in panel["cells"]:
+        for cell in grid["cells"]:
+            assert cell["diverged"] == (cell["learning_rate"] > 1), (grid["optimizer"], cell)
+            assert len(cell["metric"]) == 2
+    assert {g["axis"] for g in panel["cells"]} == {None, "damping", "nu"}
