@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from tekfax.experiments import checkpoint, compare, optimizers, report
+from tekfax.experiments import checkpoint, optimizers, report
 from tekfax.experiments.compare import build_parser, main
-from tekfax.experiments.data import iterate_batches, load_dataset
+from tekfax.experiments.data import load_dataset
 from tekfax.experiments.progress import ProgressBar
 from tekfax.experiments.train import TIMING_FIELDS, ResumeError, RunConfig, train
 
@@ -405,28 +405,6 @@ def test_a_diverging_run_prints_and_records_a_warning(tmp_path, capsys):
     assert re.search(rf"kfac seed 0 .*diverged at epoch {epoch} of 3 \(training loss", err)
     assert results["summary"]["kfac"]["diverged"] == 1
     _assert_warned(out, results, err, [kfac["warning"]])
-
-
-def test_nan_batches_print_and_record_a_warning(tmp_path, monkeypatch, capsys):
-    digits = load_dataset("digits")
-    poisoned = np.array([5, 700])  # training examples with a NaN pixel
-    x_train = digits.x_train.copy()
-    x_train[poisoned, 0, 0, 0] = np.nan
-    monkeypatch.setattr(
-        compare, "load_dataset", lambda *a, **k: dataclasses.replace(digits, x_train=x_train)
-    )
-    index = np.arange(len(x_train))
-    batches = iterate_batches(index, index, 128, np.random.default_rng((0, 0)), digits.augment)
-    expected = sum(bool(np.isin(yb, poisoned).any()) for _, yb in batches)
-    out = tmp_path / "nan"
-    results = _compare(out, "--model", "mlp", "--optimizers", "kfac", "--epochs", "1")
-    err = capsys.readouterr().err
-    (run,) = results["runs"]
-    assert run["skipped_steps"] == expected >= 1 and run["steps"] == 11
-    assert not run["diverged"]
-    line = f"warning: kfac seed 0 skipped {expected} of 11 steps (non-finite gradient"
-    assert run["warning"].startswith(line)
-    _assert_warned(out, results, err, [run["warning"]])
 
 
 def _tool_defaults_differing_from_the_library() -> set[str]:

@@ -264,3 +264,8 @@ def test_compare_tool_skips_nan_batches_and_reports_them(tmp_path, monkeypatch, 
         assert np.isfinite(record["train_loss"]) and record["test_accuracy"] > 0.5, name
         assert re.search(rf"^{name} seed 0 epoch 1/1 .* img/s {expected} skipped \|", err, re.M)
         assert results["summary"][name]["skipped_steps"] == expected
+        # The tool warns: on stderr, in results.json and under the table.
+        line = f"warning: {name} seed 0 skipped {expected} of 11 steps (non-finite gradient"
+        assert run["warning"].startswith(line) and f"tekfax-compare: {run['warning']}" in err
+        assert f"- {run['warning']}\n" in (out / "table.md").read_text()
+    assert results["warnings"] == [run["warning"] for run in results["runs"]]
