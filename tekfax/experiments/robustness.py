@@ -1,9 +1,11 @@
 """The robustness panel: every optimizer over a learning-rate x damping grid, on three tasks.
 
 For each (task, optimizer) every cell of the grid trains from the same initial parameters on
-the same batches, and all cells run as one jitted program, ``jax.vmap`` over the cells: the
-learning rate and the damping (or ``nu``) enter through ``optax.inject_hyperparams``, so they
-are traced arrays of the optimizer state. A cell whose loss or parameters become non-finite
+the same batches, and all cells run as one jitted program, ``jax.vmap`` over the cells
+(``jax.lax.map`` for the Kronecker optimizers on CPU, where a batched ``eigh`` under vmap
+deadlocks XLA:CPU's thread pool; ``--batching`` overrides the choice): the learning rate
+and the damping (or ``nu``) enter through ``optax.inject_hyperparams``, so they are traced
+arrays of the optimizer state. A cell whose loss or parameters become non-finite
 is frozen at its last finite state (``jnp.where``) and marked diverged; it cannot touch the
 other cells. A cell also counts as diverged when the mean training loss of any stretch of
 the run exceeds ``factor`` times its first batch's loss.
