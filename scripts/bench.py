@@ -3,8 +3,9 @@
 For each model and batch size, in one process:
 
 1. **Steps.** One jitted, donating training step per optimizer (sgdm, adam, eadam, and
-   kfac, ekfac, tkfac, tekfac with the library's default intervals and with "statistics every
-   step, eigenbasis every 5 steps"). Compile time is reported apart; then ``--warmup`` steps
+   kfac, ekfac, tkfac, tekfac with the library's defaults, with "statistics every step,
+   eigenbasis every 5 steps", and with the defaults unguarded, ``skip_non_finite=False``,
+   which measures the guard's cost). Compile time is reported apart; then ``--warmup`` steps
    are run untimed and ``--window`` steps timed (a whole multiple of the longest interval,
    so the periodic work is in the mean). Printed: median and mean step, both as ratios to
    SGD, and the compiled program's peak memory (XLA's buffer assignment: arguments + outputs
@@ -45,9 +46,10 @@ from tekfax.experiments.compare import single_threaded_lapack
 from tekfax.patches import input_matrix, output_matrix
 
 SHAPES = {"mlp": (8, 8, 1), "cnn": (8, 8, 1), "resnet20": (32, 32, 3), "vgg16": (32, 32, 3)}
-INTERVALS = {
+INTERVALS = {  # variants of each Kronecker preset: its keyword arguments
     "default": {},
     "stats1-eig5": {"curvature_every": 1, "eigen_every": 5, "rescale_every": 1},
+    "unguarded": {"skip_non_finite": False},  # the default without the guard: its cost
 }
 KRONECKER = {
     "kfac": tekfax.kfac,

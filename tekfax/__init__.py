@@ -19,15 +19,18 @@ Wiring and the rest:
 * :mod:`tekfax.alias`: the presets KFAC, EKFAC, TKFAC and TEKFAC;
 * :mod:`tekfax.eadam`: the EAdam optimizer (section 6);
 * :mod:`tekfax.guard`: the guard that skips non-finite steps;
+* :mod:`tekfax.adaptive_damping`: Levenberg-Marquardt adaptive damping (section 9);
 * :mod:`tekfax.losses`: the losses and their model-distribution samplers;
 * :mod:`tekfax.diagnostics`: dense Fisher blocks, approximate and exact;
 * :mod:`tekfax.serialization`: saving and restoring optimizer state;
+* :mod:`tekfax.states`: finding one transformation's state inside a nested state;
 * :mod:`tekfax.sharding`: data-parallel helpers (mesh, batch sharding);
 * :mod:`tekfax.validation`: the argument checks;
 * :mod:`tekfax.experiments`: the training scripts and experiments (section 7).
 """
 
 from tekfax import diagnostics, sharding
+from tekfax.adaptive_damping import AdaptiveDampingState, adaptive_damping, current_damping
 from tekfax.alias import (
     ekfac,
     kfac,
@@ -53,6 +56,7 @@ from tekfax.tagging import LayerMeta, tag_layers
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveDampingState",
     "CurvatureOutput",
     "LayerCurvature",
     "LayerMeta",
@@ -60,6 +64,8 @@ __all__ = [
     "ScaleByEAdamState",
     "ScaleByKroneckerState",
     "SkipNonFiniteState",
+    "adaptive_damping",
+    "current_damping",
     "diagnostics",
     "eadam",
     "ekfac",

@@ -7,11 +7,13 @@ Inputs are the layer matrices of :mod:`tekfax.patches`: a with shape (N, T, d_in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from tekfax.damping import safe_div
 
@@ -30,18 +32,84 @@ class Factors(NamedTuple):
     out: jax.Array
 
 
-def _weighted_gram(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """sum_rows w_r x_r x_r^T for x of shape (..., d), weights broadcast over the rows."""
+def power_of_two(x: jax.Array) -> jax.Array:
+    """2^floor(log2 |x|) for finite normal x != 0, else 1: an exact power-of-two scale.
+
+    Computed by clearing the mantissa bits, so it is exact. Multiplying or dividing by it is
+    exact too (barring under- or overflow), which lets the statistics rescale their rows
+    against overflow without changing a single bit of the results in the normal range.
+
+    Example:
+      >>> from tekfax.curvature import power_of_two
+      >>> power_of_two(jnp.array([3.0, -0.3, 0.0, jnp.inf]))
+      Array([2.  , 0.25, 1.  , 1.  ], dtype=float32)
+      >>> float(jnp.log2(power_of_two(jnp.array(1e30))))  # 2^99 <= 1e30 < 2^100
+      99.0
+    """
+    x = jnp.asarray(x)
+    info = jnp.finfo(x.dtype)
+    int_type = {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[info.bits]
+    mask = ((1 << info.nexp) - 1) << info.nmant  # the exponent bits
+    bits = lax.bitcast_convert_type(x, int_type) & jnp.asarray(mask, int_type)
+    p = lax.bitcast_convert_type(bits, x.dtype)
+    return jnp.where((p > 0) & jnp.isfinite(p), p, jnp.ones_like(p))
+
+
+def split_count(count: int) -> tuple[float, float, float]:
+    """(lo, hi, rest) with lo * hi = 2^-k, 2^k <= count < 2^(k+1), rest = count 2^-k.
+
+    A sum divided by ``count`` is computed as (sum over rows scaled by the powers of two lo
+    and hi) / rest: the same bits in the normal range, and the sum cannot overflow unless
+    twice the mean does.
+
+    Example:
+      >>> from tekfax.curvature import split_count
+      >>> split_count(12)
+      (0.25, 0.5, 1.5)
+    """
+    k = count.bit_length() - 1
+    return 2.0 ** -(k - k // 2), 2.0 ** -(k // 2), count / 2**k
+
+
+# The private helpers are jitted so that eager calls (tests, notebooks) dispatch one program
+# each; inside the optimizer's jit they are inlined and change nothing.
+@functools.partial(jax.jit, static_argnums=1)
+def _weighted_gram(
+    x: jax.Array,
+    count: int,
+    weight: jax.Array | None = None,
+    scale: jax.Array | None = None,
+) -> jax.Array:
+    """sum_rows w_r x_r x_r^T / count for x of shape (..., d), w_r = weight_r scale_r^2.
+
+    ``scale`` (powers of two) multiplies both sides of each row's outer product and
+    ``weight`` one side, so no row product overflows unless its result does; ``count`` is
+    split as in :func:`split_count`.
+    """
     rows = x.reshape(-1, x.shape[-1])
-    if weights is None:
-        return rows.T @ rows
-    return (rows * weights.reshape(-1, 1)).T @ rows
+    lo, hi, rest = split_count(count)
+    left, right = rows * lo, rows * hi
+    if weight is not None:
+        left = left * weight.reshape(-1, 1)
+    if scale is not None:
+        left, right = left * scale.reshape(-1, 1), right * scale.reshape(-1, 1)
+    return (left.T @ right) / rest
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _squared_norm(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(m, p) with sum over ``axes`` of x^2 = m p^2, p a power of two: no overflow in m."""
+    p = power_of_two(jnp.max(jnp.abs(x), axis=axes))
+    p_in = jnp.expand_dims(p, axes)
+    return jnp.sum(jnp.square(x / p_in), axis=axes), p
 
 
 def kfac_factors(a: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A = E_n[(1/T) sum_t a a^T], G = E_n[sum_t u u^T] (docs/algorithms.md, section 2).
 
     KFAC (Martens & Grosse 2015, Eq. 1) and KFC for convolutions (Grosse & Martens 2016).
+    The sums are scaled by powers of two (:func:`split_count`), so in float32 a factor
+    overflows only when twice its value does.
 
     Example:
       >>> from tekfax.curvature import kfac_factors
@@ -50,14 +118,16 @@ def kfac_factors(a: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
       [(3, 3), (2, 2)]
     """
     samples, n, t, _ = u.shape
-    return _weighted_gram(a) / (n * t), _weighted_gram(u) / (samples * n)
+    return _weighted_gram(a, n * t), _weighted_gram(u, samples * n)
 
 
 def tkfac_moments(a: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
     """M_Phi = E_n[sum_t |u_t|^2 a a^T], M_Psi = E_n[sum_t |a_t|^2 u u^T] (TKFAC Eq. 8).
 
     docs/algorithms.md, section 2. tr M_Phi = tr M_Psi = delta = tr F1; the normalised
-    factors are M / delta.
+    factors are M / delta. The squared norms are held as m p^2 with p a power of two that
+    scales both sides of the outer products, so |a|^2 = inf (a ~ 1e20 in float32) times
+    u = 0 cannot give NaN: a moment overflows only when twice its value does.
 
     Example:
       >>> from tekfax.curvature import tkfac_moments
@@ -66,10 +136,13 @@ def tkfac_moments(a: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
       (6.0, 6.0)
     """
     samples, n, _, _ = u.shape
-    u_sq = jnp.mean(jnp.sum(u * u, axis=-1), axis=0)  # (N, T), averaged over samples
-    a_sq = jnp.sum(a * a, axis=-1)  # (N, T)
-    m_phi = _weighted_gram(a, u_sq) / n
-    m_psi = _weighted_gram(u, jnp.broadcast_to(a_sq, u.shape[:-1])) / (samples * n)
+    u_sq, u_scale = _squared_norm(u, (0, 3))  # (N, T): sum_o u^2 summed over samples
+    a_sq, a_scale = _squared_norm(a, (2,))  # (N, T)
+    m_phi = _weighted_gram(a, n, u_sq / samples, u_scale)
+    shape = u.shape[:-1]
+    m_psi = _weighted_gram(
+        u, samples * n, jnp.broadcast_to(a_sq, shape), jnp.broadcast_to(a_scale, shape)
+    )
     return m_phi, m_psi
 
 
@@ -167,13 +240,24 @@ def eigen_diagonal(eig_in: jax.Array, eig_out: jax.Array, delta: jax.Array | Non
     """The un-corrected block's eigenvalues in kernel layout (docs/algorithms.md, section 2).
 
     KFAC: S_KFAC = outer(eig A, eig G). TKFAC (``delta`` given, eigenvalues of the moments):
-    S_TKFAC = delta outer(eig Phi, eig Psi) = outer(eig M_Phi, eig M_Psi) / delta.
+    S_TKFAC = delta outer(eig Phi, eig Psi) = outer(eig M_Phi, eig M_Psi) / delta, computed
+    as (the larger eigenvalue / delta) * the smaller one. M_Phi and M_Psi are PSD with trace
+    delta, so every eigenvalue is at most delta: the quotient is at most 1 and the product
+    overflows only when its result does (eigenvalues 1e20 and delta 2e20 give 5e19 in
+    float32, where the product first would overflow); it underflows only below 4 times the
+    smallest normal number. delta = 0 (a dead layer) gives 0.
 
     Example:
       >>> from tekfax.curvature import eigen_diagonal
       >>> eigen_diagonal(jnp.array([1.0, 2.0]), jnp.array([3.0]), jnp.array(2.0))
       Array([[1.5],
              [3. ]], dtype=float32)
+      >>> eigen_diagonal(jnp.array([1e20]), jnp.array([1e20]), jnp.array(2e20))
+      Array([[5.e+19]], dtype=float32)
     """
-    diagonal = jnp.outer(eig_in, eig_out)
-    return diagonal if delta is None else safe_div(diagonal, delta)
+    if delta is None:
+        return jnp.outer(eig_in, eig_out)
+    big_in = eig_in[:, None] >= eig_out[None, :]
+    first_in = safe_div(eig_in, delta)[:, None] * eig_out[None, :]
+    first_out = eig_in[:, None] * safe_div(eig_out, delta)[None, :]
+    return jnp.where(big_in, first_in, first_out)

@@ -109,6 +109,50 @@ def rescale_fixed(s: jax.Array, damping: jax.Array) -> jax.Array:
     return s + damping
 
 
+def block_mean(basis: Eigenbasis, s: jax.Array | None) -> jax.Array:
+    """The undamped block's mean eigenvalue tr(F_hat) / dim; 0 if not finite.
+
+    S (EKFAC/TEKFAC): mean(S). KFAC: mean(eig A) mean(eig G). TKFAC: (mean(eig M_Phi) /
+    delta) mean(eig M_Psi), divided first because every eigenvalue is at most delta.
+    docs/algorithms.md, section 9.
+
+    Example:
+      >>> from tekfax.damping import block_mean
+      >>> from tekfax.eigenbasis import Eigenbasis
+      >>> basis = Eigenbasis(jnp.eye(2), jnp.array([1.0, 3.0]), jnp.eye(1), jnp.array([4.0]),
+      ...                    None)
+      >>> float(block_mean(basis, None)), float(block_mean(basis, jnp.ones((2, 1))))
+      (8.0, 1.0)
+    """
+
+    def mean(x):  # divided before summing: no overflow unless the mean overflows
+        return jnp.sum(x / x.size)
+
+    if s is not None:
+        value = mean(s)
+    elif basis.delta is None:
+        value = mean(basis.eig_in) * mean(basis.eig_out)
+    else:
+        value = safe_div(mean(basis.eig_in), basis.delta) * mean(basis.eig_out)
+    return jnp.where(jnp.isfinite(value), value, 0.0)
+
+
+def floored(damping: jax.Array, peak: jax.Array, floor: jax.Array | float) -> jax.Array:
+    """max(lambda, r * peak): the relative damping floor (docs/algorithms.md, section 9).
+
+    ``peak`` is the largest :func:`block_mean` the layer has had, so the floor follows the
+    curvature's scale up but not down: as the loss and with it the gradients shrink late in
+    training, the eigenvalue-corrected and trace-restricted curvature shrink too, and a floor
+    relative to the current scale would shrink with them. ``floor`` = 0 returns lambda.
+
+    Example:
+      >>> from tekfax.damping import floored
+      >>> float(floored(1e-8, jnp.array(2.0), 0.25)), float(floored(1.0, jnp.array(2.0), 0.25))
+      (0.5, 1.0)
+    """
+    return jnp.maximum(damping, floor * peak)
+
+
 def rescale_trace(s: jax.Array, delta_tilde: jax.Array) -> jax.Array:
     """S~ = (d~/delta) S + d~/dim, delta = tr S, dim = d_in d_out (reading TEKFAC Eq. 3.5).
 
@@ -129,7 +173,8 @@ def adaptive_deltas(
 
     Conv layers: delta~ = max(nu, delta). beta = max over conv layers of delta~/delta (1 when
     there is none; a dead conv layer, delta = 0, counts as ratio 1 rather than infinity).
-    Dense layers: delta~ = beta * max(nu, delta). docs/algorithms.md, section 4.
+    Dense layers: delta~ = beta * max(nu, delta). docs/algorithms.md, section 4. ``nu`` may
+    be a per-layer dict (the relative floor raises it per layer, section 9).
 
     Example:
       >>> from tekfax.damping import adaptive_deltas
@@ -139,18 +184,21 @@ def adaptive_deltas(
       (1.0, 4.0)
     """
     ratios = [
-        jnp.where(deltas[k] > 0, safe_div(jnp.maximum(nu, deltas[k]), deltas[k]), 1.0)
+        jnp.where(deltas[k] > 0, safe_div(jnp.maximum(_at(nu, k), deltas[k]), deltas[k]), 1.0)
         for k in deltas
         if is_conv[k]
     ]
     beta = jnp.max(jnp.stack(ratios)) if ratios else 1.0
-    return {k: jnp.maximum(nu, d) * (1.0 if is_conv[k] else beta) for k, d in deltas.items()}
+    return {
+        k: jnp.maximum(_at(nu, k), d) * (1.0 if is_conv[k] else beta) for k, d in deltas.items()
+    }
 
 
 DampingRule = Callable[..., dict[str, jax.Array]]
 """``rule(bases, s, is_conv, damping, nu) -> {layer: D}``: per-layer :class:`Eigenbasis`,
 S (None unless eigenvalue-corrected), whether each layer is a convolution, and the two
-damping hyperparameters (either may be unused by the rule)."""
+damping hyperparameters (either may be unused by the rule; ``damping`` may be a per-layer
+dict, as the relative floor makes it)."""
 
 
 def unit_trace(basis: Eigenbasis, tkfac: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -176,18 +224,25 @@ def unit_trace(basis: Eigenbasis, tkfac: bool) -> tuple[jax.Array, jax.Array, ja
     return safe_div(basis.eig_in, tr_in), safe_div(basis.eig_out, tr_out), tr_in * tr_out
 
 
+def _at(damping, layer: str):
+    """One layer's lambda: ``damping`` is a float, a scalar array or a per-layer dict."""
+    return damping[layer] if isinstance(damping, Mapping) else damping
+
+
 def _kfac_fixed(bases, s, is_conv, damping, nu, *, pi_adjusted: bool):
     del s, is_conv, nu
     out = {}
     for k, b in bases.items():
         pi = pi_factor(b.eig_in, b.eig_out) if pi_adjusted else 1.0
-        out[k] = factored(b.eig_in, b.eig_out, damping, pi)
+        out[k] = factored(b.eig_in, b.eig_out, _at(damping, k), pi)
     return out
 
 
 def _tkfac_fixed(bases, s, is_conv, damping, nu):
     del s, is_conv, nu
-    return {k: tkfac_normal(b.eig_in, b.eig_out, b.delta, damping) for k, b in bases.items()}
+    return {
+        k: tkfac_normal(b.eig_in, b.eig_out, b.delta, _at(damping, k)) for k, b in bases.items()
+    }
 
 
 def _factored_adaptive(bases, s, is_conv, damping, nu, *, tkfac: bool):
@@ -199,7 +254,7 @@ def _factored_adaptive(bases, s, is_conv, damping, nu, *, tkfac: bool):
 
 def _rescale_fixed(bases, s, is_conv, damping, nu):
     del is_conv, nu
-    return {k: rescale_fixed(s[k], damping) for k in bases}
+    return {k: rescale_fixed(s[k], _at(damping, k)) for k in bases}
 
 
 def _rescale_adaptive(bases, s, is_conv, damping, nu):
@@ -240,6 +295,11 @@ def choose_rule(
 
     def damped(bases, s, is_conv, damping, nu):
         out = rule(bases, s, is_conv, damping, nu)
-        return {k: out[k].astype(b.eig_in.dtype) for k, b in bases.items()}
+        # A damped eigenvalue beyond the float maximum divides to 0 either way; clamping it
+        # keeps inf out of the state (the guard would otherwise skip every later step).
+        return {
+            k: jnp.minimum(out[k], jnp.finfo(b.eig_in.dtype).max).astype(b.eig_in.dtype)
+            for k, b in bases.items()
+        }
 
     return damped

@@ -43,7 +43,8 @@ def _finite(values: jax.Array, vectors: jax.Array) -> jax.Array:
 
 
 def _symmetrise(matrices: jax.Array) -> jax.Array:
-    return 0.5 * (matrices + jnp.swapaxes(matrices, -1, -2))
+    """(M + M^T) / 2, halving first: the sum of two entries near the float maximum overflows."""
+    return 0.5 * matrices + 0.5 * jnp.swapaxes(matrices, -1, -2)
 
 
 def _eigh(sym: jax.Array) -> tuple[jax.Array, jax.Array]:

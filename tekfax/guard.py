@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tekfax.states import find_outermost
+
 
 class SkipNonFiniteState(NamedTuple):
     """State of :func:`skip_non_finite`.
@@ -126,9 +128,7 @@ def find_guard_state(opt_state: Any) -> SkipNonFiniteState | None:
       >>> int(find_guard_state(opt_state).skipped)
       0
     """
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, SkipNonFiniteState.__name__)
-    found = [state for _, state in found if isinstance(state, SkipNonFiniteState)]
-    return found[0] if found else None
+    return find_outermost(opt_state, SkipNonFiniteState)
 
 
 def skipped_steps(opt_state: Any) -> jax.Array:

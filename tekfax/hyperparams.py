@@ -38,6 +38,7 @@ class Hyperparams(NamedTuple):
     rescale_every: int = 10
     conv_rescale: str = "per_example"
     norm_constraint: float | None = None
+    damping_floor: float = 0.0
     learning_rate: optax.ScalarOrSchedule | None = None
     pi_adjusted: bool = False
     eigen_mesh: jax.sharding.Mesh | None = None
@@ -62,6 +63,11 @@ DOCS = {
     "conv_rescale": '``"per_example"`` (exact) or ``"per_location"`` (diag(Q^T F1 Q)), for '
     "EKFAC/TEKFAC layers applied over positions (docs/algorithms.md, section 8).",
     "norm_constraint": "kappa of the KL clip (docs/algorithms.md, section 5), or None.",
+    "damping_floor": "r, the relative damping floor (docs/algorithms.md, section 9): lambda "
+    "is raised to at least r times the largest mean eigenvalue tr(F_hat)/dim the layer's "
+    "block has had (with ``nu``, the rule's lower bound on delta to r times the largest "
+    "trace), so a damping too small for the curvature's scale cannot blow up the step, "
+    "early or late in training. 0 disables it.",
     "learning_rate": "alpha, used only by ``norm_constraint`` (a schedule is evaluated at "
     "the step count); None means 1.",
     "pi_adjusted": "KFAC only: split sqrt(lambda) between A and G by pi (docs/algorithms.md, "

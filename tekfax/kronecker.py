@@ -40,6 +40,7 @@ from tekfax.curvature import Factors
 from tekfax.eigenbasis import Eigenbasis
 from tekfax.hyperparams import Hyperparams, takes_hyperparams
 from tekfax.patches import grad_matrix, locations, matrix_to_grads, sum_over_examples
+from tekfax.states import find_outermost
 from tekfax.tagging import stat_dtype
 from tekfax.validation import (
     check_bool,
@@ -70,6 +71,8 @@ class LayerCurvature(NamedTuple):
       rescale: EKFAC/TEKFAC only, the diagonal S in kernel layout (d_in, d_out); else None.
       damped: the damped eigenvalues D used by the last update, (d_in, d_out): the damped
         block is (Q_in (x) Q_out) diag(vec D) (Q_in (x) Q_out)^T.
+      peak_mean: the largest mean eigenvalue tr(F_hat)/dim the layer's undamped block has
+        had (:func:`tekfax.damping.block_mean`), the scale of the relative damping floor.
 
     The fields stay flat (checkpoints depend on the layout); :attr:`factors` and
     :attr:`basis` give the stages' named views.
@@ -84,6 +87,7 @@ class LayerCurvature(NamedTuple):
     delta: jax.Array | None
     rescale: jax.Array | None
     damped: jax.Array
+    peak_mean: jax.Array
 
     @property
     def factors(self) -> Factors:
@@ -97,7 +101,7 @@ class LayerCurvature(NamedTuple):
 
 
 def _layer_state(
-    factors: Factors, basis: Eigenbasis, s: jax.Array | None, damped: jax.Array
+    factors: Factors, basis: Eigenbasis, s: jax.Array | None, damped: jax.Array, peak: jax.Array
 ) -> LayerCurvature:
     return LayerCurvature(
         factor_in=factors.inp,
@@ -109,6 +113,7 @@ def _layer_state(
         delta=basis.delta,
         rescale=s,
         damped=damped,
+        peak_mean=peak,
     )
 
 
@@ -142,14 +147,12 @@ def find_kronecker_state(opt_state: Any) -> ScaleByKroneckerState:
       >>> int(find_kronecker_state(opt_state).count)
       0
     """
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, ScaleByKroneckerState.__name__)
-    found = [state for _, state in found if isinstance(state, ScaleByKroneckerState)]
-    if not found:
-        raise ValueError(
-            "tekfax: opt_state holds no tekfax Kronecker state; pass the state of a tekfax "
-            "optimizer (tekfax.kfac, ekfac, tkfac, tekfac or scale_by_*)."
-        )
-    return found[0]
+    return find_outermost(
+        opt_state,
+        ScaleByKroneckerState,
+        missing="tekfax: opt_state holds no tekfax Kronecker state; pass the state of a tekfax "
+        "optimizer (tekfax.kfac, ekfac, tkfac, tekfac or scale_by_*).",
+    )
 
 
 def stats_needed(opt_state: Any) -> jax.Array:
@@ -272,6 +275,7 @@ def _check_hyperparams(estimator: str, eigen_corrected: bool, hp: Hyperparams) -
     check_number("damping", hp.damping, 0.0, low_inclusive=False)
     check_number("nu", hp.nu, 0.0, low_inclusive=False)
     check_number("norm_constraint", hp.norm_constraint, 0.0, low_inclusive=False)
+    check_number("damping_floor", hp.damping_floor, 0.0, allow_none=False)
     check_number("ema", hp.ema, 0.0, 1.0, allow_none=False)
     check_number("rescale_ema", hp.rescale_ema, 0.0, 1.0, allow_none=False)
     for name in ("curvature_every", "eigen_every", "rescale_every"):
@@ -314,6 +318,7 @@ def _init_layer(layer: Mapping, pipe: _Pipeline) -> LayerCurvature:
         delta=jnp.zeros((), dtype) if pipe.tkfac else None,
         rescale=jnp.zeros((d_in, d_out), dtype) if pipe.eigen_corrected else None,
         damped=jnp.ones((d_in, d_out), dtype),
+        peak_mean=jnp.zeros((), dtype),
     )
 
 
@@ -467,10 +472,34 @@ def _check_update_args(state: Any, stats: Any) -> None:
         )
 
 
+def _damping(
+    hp: Hyperparams, damping: Any, peak: Mapping[str, jax.Array], dims: Mapping[str, int]
+) -> tuple[Any, Any]:
+    """(lambda, nu) per layer, raised to the relative floor (docs/algorithms.md, section 9).
+
+    Fixed damping: lambda = max(damping, r peak). Trace-adaptive rules: their lower bound on
+    delta becomes max(nu, r peak dim), dim the block's size (peak dim is the peak trace).
+    """
+    damping = hp.damping if damping is None else damping
+    if hp.nu is not None:
+        nu = {
+            k: damping_rules.floored(hp.nu, p * dims[k], hp.damping_floor) for k, p in peak.items()
+        }
+        return damping, nu
+    return {k: damping_rules.floored(damping, p, hp.damping_floor) for k, p in peak.items()}, None
+
+
 def _update(
-    updates: Any, state: ScaleByKroneckerState, stats: Any, pipe: _Pipeline
+    updates: Any,
+    state: ScaleByKroneckerState,
+    stats: Any,
+    pipe: _Pipeline,
+    damping: jax.Array | float | None = None,
 ) -> tuple[Any, ScaleByKroneckerState]:
-    """One update: the five stages in order (module docstring), then the new state."""
+    """One update: the five stages in order (module docstring), then the new state.
+
+    ``damping``, when given, replaces the hyperparameter (adaptive damping passes it).
+    """
     _check_update_args(state, stats)
     grad_layers = dict(find_layers(updates))
     active = _active_layers(state, stats, grad_layers)
@@ -481,13 +510,18 @@ def _update(
     bases = _refresh_eigenbasis(old, factors, weight, due, pipe)
     s = _update_rescale(old, active, bases, due, pipe)
     is_conv = {k: st.meta.is_conv for k, st in active.items()}
-    damped = pipe.damping_rule(bases, s, is_conv, pipe.hp.damping, pipe.hp.nu)
+    peak = {
+        k: jnp.maximum(old[k].peak_mean, damping_rules.block_mean(bases[k], s[k])) for k in active
+    }
+    dims = {k: old[k].damped.size for k in active}
+    lam, nu = _damping(pipe.hp, damping, peak, dims)
+    damped = pipe.damping_rule(bases, s, is_conv, lam, nu)
     grads = {k: grad_matrix(grad_layers[k], old[k].factor_in.dtype) for k in active}
     lr = _learning_rate_at(pipe.hp.learning_rate, state.count)
     pre = precondition.precondition_layers(grads, bases, damped, pipe.hp.norm_constraint, lr)
 
     layers = dict(state.layers)
-    layers.update({k: _layer_state(factors[k], bases[k], s[k], damped[k]) for k in active})
+    layers.update({k: _layer_state(factors[k], bases[k], s[k], damped[k], peak[k]) for k in active})
     new_updates = _replace_layers(
         updates, {k: matrix_to_grads(pre[k], grad_layers[k]) for k in active}
     )
@@ -539,8 +573,8 @@ def scale_by_kronecker(
     rule = damping_rules.choose_rule(estimator, eigen_corrected, hp.nu is not None, hp.pi_adjusted)
     pipe = _Pipeline(estimator, eigen_corrected, hp, rule)
 
-    def update_fn(updates, state, params=None, *, stats=None, **extra_args):
+    def update_fn(updates, state, params=None, *, stats=None, damping=None, **extra_args):
         del params, extra_args
-        return _update(updates, state, stats, pipe)
+        return _update(updates, state, stats, pipe, damping)
 
     return optax.GradientTransformationExtraArgs(functools.partial(_init, pipe=pipe), update_fn)

@@ -77,6 +77,12 @@ CASES = {
 }
 
 
+EXACT = {"norm_constraint": None, "damping_floor": 0.0, "skip_non_finite": False}
+"""Turns off the full optimizers' trust region, damping floor and guard: the bare chain of
+exactly the formulas the references implement (tests/test_defaults.py and tests/test_guard.py
+test the defaults)."""
+
+
 def make_optimizer(
     case: str, learning_rate=LEARNING_RATE, **overrides
 ) -> optax.GradientTransformationExtraArgs:
@@ -85,7 +91,7 @@ def make_optimizer(
     Example: ``make_optimizer("tkfac-nu", 0.05, nu=1.0, eigen_every=3)``.
     """
     preset, hyper = CASES[case]
-    return getattr(tekfax, preset)(learning_rate, **{**hyper, **INTERVALS, **overrides})
+    return getattr(tekfax, preset)(learning_rate, **{**hyper, **INTERVALS, **EXACT, **overrides})
 
 
 def make_scale_by(case: str, **overrides) -> optax.GradientTransformationExtraArgs:

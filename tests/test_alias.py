@@ -23,7 +23,7 @@ import optax
 import pytest
 
 import tekfax
-from tests.conftest import CASES, DAMPING, INTERVALS, PRESETS, make_optimizer, make_scale_by
+from tests.conftest import CASES, DAMPING, EXACT, INTERVALS, PRESETS, make_optimizer, make_scale_by
 from tests.conftest import LEARNING_RATE as LR
 from tests.models import MLP
 
@@ -182,7 +182,7 @@ def test_inject_hyperparams_matches_plain_and_follows_changes(case):
     (damping_name,) = hyper
     params, batches = _data()
     injected = optax.inject_hyperparams(getattr(tekfax, preset))(
-        learning_rate=LR, momentum=TAU, **INTERVALS, **hyper
+        learning_rate=LR, momentum=TAU, **INTERVALS, **EXACT, **hyper
     )
     inject_update = jax.jit(injected.update)
     state = injected.init(params)
@@ -202,6 +202,7 @@ def test_inject_hyperparams_matches_plain_and_follows_changes(case):
             values["learning_rate"],
             momentum=values["momentum"],
             **INTERVALS,
+            **EXACT,
             **{damping_name: values[damping_name]},
         )
         return opt.update(grads, opt_state, params, stats=stats)
@@ -438,8 +439,8 @@ def _factories(preset: str):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({}, "damping"),
-        ({"nu": None}, "damping"),
+        ({"damping": None}, "damping"),
+        ({"damping": None, "nu": None}, "damping"),
         ({"damping": -1e-3}, "damping"),
         ({"damping": DAMPING, "conv_rescale": "per_pixel"}, "conv_rescale"),
         ({"damping": DAMPING, "ema": 1.0}, "ema"),

@@ -24,7 +24,7 @@ import optax
 import pytest
 
 import tekfax
-from tests.conftest import CASES, INTERVALS, LEARNING_RATE, PRESETS, jit, make_optimizer
+from tests.conftest import CASES, EXACT, INTERVALS, LEARNING_RATE, PRESETS, jit, make_optimizer
 from tests.models import MLP
 
 N, D_IN, CLASSES = 32, 5, 3
@@ -146,7 +146,7 @@ def test_inject_hyperparams_gives_the_plain_updates(case):
     else:
         preset = CASES[case][0]
         injected = optax.inject_hyperparams(getattr(tekfax, preset), static_args=tuple(INTERVALS))(
-            **hyper, **INTERVALS
+            **hyper, **INTERVALS, **EXACT
         )
     got, state = _updates(injected, case)
     assert set(hyper) <= set(state.hyperparams)

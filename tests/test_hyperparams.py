@@ -2,7 +2,8 @@
 
 Every preset, full optimizer and ``scale_by_kronecker`` takes each shared hyperparameter with
 the same default, documents it with the same text, and ``optax.inject_hyperparams`` (which
-reads the signature) sees all of them.
+reads the signature) sees all of them. The full optimizers override the defaults of
+``alias.FULL_DEFAULTS`` (the robust defaults) and document them in their own words.
 """
 
 import inspect
@@ -30,6 +31,7 @@ DEFAULTS = {
     "rescale_every": 10,
     "conv_rescale": "per_example",
     "norm_constraint": None,
+    "damping_floor": 0.0,
     "learning_rate": None,
     "pi_adjusted": False,
     "eigen_mesh": None,
@@ -37,7 +39,7 @@ DEFAULTS = {
 }
 
 
-def test_one_table_holds_the_thirteen_names_defaults_and_docs():
+def test_one_table_holds_the_fourteen_names_defaults_and_docs():
     assert Hyperparams._field_defaults == DEFAULTS
     assert set(DOCS) == set(Hyperparams._fields)
     assert all(text.strip() for text in DOCS.values())
@@ -51,6 +53,8 @@ def test_every_factory_takes_the_shared_arguments_with_their_defaults(name):
             assert parameters[hp].default is inspect.Parameter.empty  # required, positional
             continue
         assert parameters[hp].kind is inspect.Parameter.KEYWORD_ONLY, hp
+        if name in PRESETS:
+            default = alias.FULL_DEFAULTS.get(hp, default)
         assert parameters[hp].default == default, hp
 
 
@@ -62,7 +66,8 @@ def test_every_docstring_documents_each_argument_from_the_table(name):
     for hp in DEFAULTS:
         if hp == "learning_rate" and name in PRESETS:
             continue
-        first_words = " ".join(DOCS[hp].split()[:4])
+        text = alias._FULL_DOCS[hp] if name in PRESETS and hp in alias._FULL_DOCS else DOCS[hp]
+        first_words = " ".join(text.split()[:4])
         assert first_words in " ".join(doc.split()), hp
 
 

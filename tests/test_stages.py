@@ -22,6 +22,7 @@ from tekfax.eigenbasis import Eigenbasis
 from tekfax.guard import find_guard_state
 from tekfax.hyperparams import Hyperparams
 from tekfax.kronecker import LayerCurvature, find_kronecker_state, schedule
+from tests.models import MLP
 
 pytestmark = pytest.mark.usefixtures("x64")
 RTOL = 1e-10
@@ -288,6 +289,7 @@ def test_layer_state_gives_named_views_and_keeps_its_flat_layout():
         "delta",
         "rescale",
         "damped",
+        "peak_mean",
     )
     assert layer.factors == Factors(layer.factor_in, layer.factor_out)
     assert layer.basis == Eigenbasis(
@@ -307,3 +309,46 @@ def test_state_lookups_find_the_outermost_state_or_name_the_fix():
     with pytest.raises(ValueError, match="skip_non_finite"):
         tekfax.skipped_steps(optax.sgd(0.1).init(params))
     jax.tree.map(np.asarray, state)  # still a plain pytree
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["lambda", "nu"])
+@pytest.mark.parametrize("preset", ["kfac", "tkfac", "ekfac", "tekfac"])
+def test_relative_floor_raises_lambda_to_r_times_the_peak_mean_eigenvalue(preset, adaptive):
+    """D equals the plain rule at lambda_eff = max(lambda, r max_t tr(F_hat_t)/dim) (with
+    ``nu``: at nu_eff = max(nu, r max_t tr(F_hat_t))), the trace of each step's undamped block
+    computed densely from the state."""
+    r, small = 0.5, 1e-8
+    model = MLP(features=(2,))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    opt = getattr(tekfax, f"scale_by_{preset}")(
+        **({"nu": small} if adaptive else {"damping": small}),
+        damping_floor=r,
+        curvature_every=1,
+        eigen_every=1,
+        rescale_every=1,
+    )
+    rule = damping.choose_rule(
+        "tkfac" if preset.startswith("t") else "kfac", preset.endswith("ekfac"), adaptive
+    )
+    state, peak = opt.init(params), 0.0
+    rng = np.random.default_rng(0)
+    for step, scale in enumerate([1.0, 3.0, 0.1]):  # the peak holds when curvature shrinks
+        x = jnp.asarray(scale * rng.normal(size=(6, 3)))
+        out = tekfax.loss_and_curvature(
+            lambda p, x=x: model.apply({"params": p}, x),
+            params,
+            jnp.arange(6) % 2,
+            rng=jax.random.key(step),
+        )
+        _, state = opt.update(out.grads, state, params, stats=out.stats)
+        ((name, layer),) = state.layers.items()
+        block = np.asarray(tekfax.diagnostics.approx_fisher_blocks(state)[name])
+        peak = max(peak, np.trace(block) / block.shape[0])
+        _assert_close(layer.peak_mean, peak, rtol=1e-8)
+        basis, s, conv = {name: layer.basis}, {name: layer.rescale}, {name: False}
+        if adaptive:
+            want = rule(basis, s, conv, None, max(small, r * peak * block.shape[0]))
+        else:
+            want = rule(basis, s, conv, max(small, r * peak), None)
+        _assert_close(layer.damped, want[name], rtol=1e-8)

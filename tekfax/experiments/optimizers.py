@@ -9,9 +9,9 @@ trace-adaptive damping ``nu``) and ``tekfac``. Hyperparameters are split in two:
 * static ones (``eigen_every``, ``curvature_every``, ``rescale_every``, ``fisher``) shape the
   compiled program.
 
-Defaults: the library's wherever it has one (momentum, the intervals, ``fisher``: read from
-the presets' signatures, so they cannot drift). The library has none for the learning rate,
-``damping`` and ``nu``; the tool's were measured on the default problem (digits, the small
+Defaults: the library's wherever it has one (momentum, damping, the intervals, ``fisher``:
+read from the presets' signatures, so they cannot drift). The library has none for the
+learning rate and ``nu``; the tool's were measured on the default problem (digits, the small
 CNN, batch 128). :data:`DIFFERENCES` says why for each value that differs from the library's,
 and the README table "Tool defaults that differ from the library's" repeats it (a test checks
 that they agree).
@@ -75,17 +75,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "sgdm": {"learning_rate": 0.1, "momentum": 0.9},
     "adam": {"learning_rate": 3e-3},
     "eadam": {"learning_rate": 3e-3},
-    "kfac": {**_KRONECKER, "damping": 0.3},
-    "ekfac": {**_KRONECKER, "damping": 0.3},
-    "tkfac": {**_KRONECKER, "damping": 0.3},
+    "kfac": {**_KRONECKER, "damping": library_default("damping")},
+    "ekfac": {**_KRONECKER, "damping": library_default("damping")},
+    "tkfac": {**_KRONECKER, "damping": library_default("damping")},
     "tkfac-new": {**_KRONECKER, "nu": 10.0},
-    "tekfac": {**_KRONECKER, "damping": 0.3},
+    "tekfac": {**_KRONECKER, "damping": library_default("damping")},
 }
 # Why each tool default that differs from the library's does (README, "Comparing optimizers").
 DIFFERENCES = {
     "learning_rate": "the library has no default; measured on digits + the small CNN",
-    "damping": "the library has no default (it requires damping or nu); 0.3 measured with "
-    "lr 0.03, where smaller dampings diverge",
     "nu": "tkfac-new is TKFAC_new, which needs nu; 10 measured (the papers' 1e-2 is for ResNet20)",
 }
 

@@ -1,6 +1,7 @@
 """One training run: (model, dataset, optimizer, hyperparameters, seed) -> per-epoch records.
 
-Every optimizer is wrapped in :func:`tekfax.skip_non_finite`: a step with a non-finite
+Every optimizer is guarded by :func:`tekfax.skip_non_finite` (the Kronecker presets by
+their default, the first-order ones by a wrapper): a step with a non-finite
 gradient, statistic or result is skipped (parameters and optimizer state unchanged) and
 counted; the count is shown in the progress bar and recorded as ``skipped_steps``.
 
@@ -128,8 +129,12 @@ def _variables(params: Any, batch_stats: Any) -> dict:
 
 
 def _guarded(name: str, numeric: Any, static: dict, boundaries: dict) -> Any:
-    """The optimizer wrapped in :func:`tekfax.skip_non_finite`: a NaN batch is skipped."""
-    return tekfax.skip_non_finite(optimizers.make_optimizer(name, numeric, static, boundaries))
+    """The optimizer, guarded by :func:`tekfax.skip_non_finite`: a NaN batch is skipped.
+
+    The Kronecker presets guard themselves by default; the first-order ones are wrapped here.
+    """
+    opt = optimizers.make_optimizer(name, numeric, static, boundaries)
+    return tekfax.skip_non_finite(opt) if name in optimizers.FIRST_ORDER else opt
 
 
 def _init_optimizer(name: str, static: dict, params: Any, numeric: dict) -> Any:
