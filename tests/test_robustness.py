@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -24,34 +25,45 @@ def data():
     return rb.task_data(TASK, load_dataset("digits"), STEPS, seed=0)
 
 
+MODEL = create_model("mlp", 10, (8, 8, 1))
+
+
+def _optimizer(name, lr, damping):
+    return tekfax.kfac(lr, damping=damping) if name == "kfac" else optax.adam(lr)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_step(name, params, state, x, y, key, lr, damping):
+    """One plain step; lr and damping are arguments, so every cell shares one compilation."""
+    opt = _optimizer(name, lr, damping)
+
+    def logits_fn(p):
+        return MODEL.apply({"params": p}, x)
+
+    if name == "kfac":
+        out = tekfax.loss_and_curvature(logits_fn, params, y, rng=key)
+        updates, state = opt.update(out.grads, state, params, stats=out.stats)
+        value = out.loss
+    else:
+        loss_fn = lambda p: losses.mean_loss("softmax_cross_entropy", logits_fn(p), y)  # noqa: E731
+        value, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+
 def _reference(data, name, lr, damping):
-    """One cell trained by a plain Python loop: no inject_hyperparams, scan or vmap."""
-    model = create_model("mlp", 10, (8, 8, 1))
+    """One cell trained by a plain Python loop of jitted steps: no inject_hyperparams, scan or
+    vmap."""
     key = jax.random.key(0)
-    params = init_variables(model, (8, 8, 1), jax.random.fold_in(key, 0))["params"]
-    opt = tekfax.kfac(lr, damping=damping) if name == "kfac" else optax.adam(lr)
-    state = opt.init(params)
+    params = init_variables(MODEL, (8, 8, 1), jax.random.fold_in(key, 0))["params"]
+    state = _optimizer(name, lr, damping).init(params)
     step_key = jax.random.fold_in(key, 1)
     values = []
     for t, idx in enumerate(np.asarray(data.batches)):
-        x, y = data.x_train[idx], data.t_train[idx]
-
-        def logits_fn(p, x=x):
-            return model.apply({"params": p}, x)
-
-        if name == "kfac":
-            out = tekfax.loss_and_curvature(
-                logits_fn, params, y, rng=jax.random.fold_in(step_key, t)
-            )
-            updates, state = opt.update(out.grads, state, params, stats=out.stats)
-            values.append(out.loss)
-        else:
-            loss_fn = lambda p, x=x, y=y: losses.mean_loss("softmax_cross_entropy", logits_fn(p), y)  # noqa: E731
-            value, grads = jax.value_and_grad(loss_fn)(params)
-            updates, state = opt.update(grads, state, params)
-            values.append(value)
-        params = optax.apply_updates(params, updates)
-    logits = model.apply({"params": params}, data.x_test)
+        x, y, t_key = data.x_train[idx], data.t_train[idx], jax.random.fold_in(step_key, t)
+        params, state, value = _reference_step(name, params, state, x, y, t_key, lr, damping)
+        values.append(value)
+    logits = MODEL.apply({"params": params}, data.x_test)
     accuracy = 100.0 * np.mean(np.argmax(logits, -1) == np.asarray(data.t_test))
     return np.asarray(values), accuracy
 
