@@ -10,8 +10,8 @@ One update is five stages, each a pure function over named per-layer state:
    and on every refresh, re-initialised to the un-corrected diagonal at each refresh
    (sections 2-3);
 4. damping (:func:`tekfax.damping.choose_rule`): the damped eigenvalues D, every step, so
-   damping and nu can be changed by ``optax.inject_hyperparams`` or a schedule at any time
-   (section 4);
+   damping and nu can be changed by ``optax.inject_hyperparams``, a schedule or adaptive
+   damping at any time (section 4), after the relative floor raises them (section 9);
 5. preconditioning (:func:`tekfax.precondition.precondition_layers`) of every tagged layer,
    with the optional norm constraint (section 5); parameters that are not tagged layers pass
    through unchanged.
