@@ -58,12 +58,6 @@ class AdaptiveDampingState(NamedTuple):
     rho: jax.Array
 
 
-def _kron_state(state: Any) -> ScaleByKroneckerState:
-    if isinstance(state, ScaleByKroneckerState):
-        return state
-    return find_kronecker_state(state)
-
-
 def _path_name(path: tuple) -> str | None:
     """``a/b/c`` for a path of dict keys (as :func:`find_layers` names layers), else None."""
     if not all(isinstance(key, jax.tree_util.DictKey) for key in path):
@@ -111,7 +105,7 @@ def quadratic_model(grads: Any, delta: Any, kron_state: Any) -> jax.Array:
       >>> bool(quadratic_model(grads, delta, opt_state) < 0)
       True
     """
-    state = _kron_state(kron_state)
+    state = find_kronecker_state(kron_state)
     delta_layers, grad_layers = dict(find_layers(delta)), dict(find_layers(grads))
     total = jnp.zeros([], jnp.float32)
     for name, layer in state.layers.items():
@@ -207,13 +201,13 @@ def _check_args(initial_damping, interval, decay, min_damping, max_damping) -> N
 
 
 def _check_inner_state(inner_state: Any) -> None:
-    found = optax.tree_utils.tree_get_all_with_path(inner_state, ScaleByKroneckerState.__name__)
-    if not any(isinstance(state, ScaleByKroneckerState) for _, state in found):
-        raise ValueError(
-            "tekfax: adaptive_damping(inner) needs an inner transformation containing a "
-            "tekfax Kronecker preconditioner (scale_by_kfac, tekfax.kfac, scale_by_kronecker, "
-            "...), whose damping it adapts; the inner state holds none."
-        )
+    find_outermost(
+        inner_state,
+        ScaleByKroneckerState,
+        missing="tekfax: adaptive_damping(inner) needs an inner transformation containing a "
+        "tekfax Kronecker preconditioner (scale_by_kfac, tekfax.kfac, scale_by_kronecker, "
+        "...), whose damping it adapts; the inner state holds none.",
+    )
 
 
 class _Step(NamedTuple):
