@@ -1,16 +1,20 @@
-"""Step-time, memory and per-stage benchmark of the tekfax optimizers against SGD.
+"""Step-time, FLOP floor, compile, memory and per-stage benchmark of the tekfax optimizers.
 
 For each model and batch size, in one process:
 
 1. **Steps.** One jitted, donating training step per optimizer (sgdm, adam, eadam, and
    kfac, ekfac, tkfac, tekfac with the library's defaults, with "statistics every step,
    eigenbasis every 5 steps", and with the defaults unguarded, ``skip_non_finite=False``,
-   which measures the guard's cost). Compile time is reported apart; then ``--warmup`` steps
-   are run untimed and ``--window`` steps timed (a whole multiple of the longest interval,
-   so the periodic work is in the mean). Printed: median and mean step, both as ratios to
-   SGD, and the compiled program's peak memory (XLA's buffer assignment: arguments + outputs
-   + temporaries - aliased, so the statistics branches are counted even on steps that skip
-   them) with its ratio to SGD's.
+   which measures the guard's cost). A trivial function is compiled first, so SGD's compile
+   time does not carry the process's one-time XLA start-up. Then ``--warmup`` steps run
+   untimed and ``--window`` steps are timed (a whole multiple of the longest interval, so
+   the periodic work is in the mean). One table: median and mean step, the mean as a ratio
+   to SGD's, the step's FLOP floor (below), the floor's time at this device's measured
+   float32 matmul rate and the mean as a multiple of it, compile time (lower + compile) and
+   its ratio to SGD's, and the compiled program's peak memory (XLA's buffer assignment:
+   arguments + outputs + temporaries - aliased, so the statistics branches are counted even
+   on steps that skip them) with its ratio to SGD's. Footnotes split the floor into its
+   stages and the memory into optimizer state and the buffers of a statistics step.
 2. **Stages** (``--stages``). Each stage of a Kronecker step as its own jitted function of
    the library's internals on the same batch: forward + backward, the extra sampled-label
    backward pass, statistics (im2col and factor products), eigendecompositions, rescale
@@ -18,20 +22,46 @@ For each model and batch size, in one process:
    it, its amortised cost per step, an analytic FLOP count and the achieved rate as a share
    of this device's measured float32 matmul rate, so the gap to the hardware is visible.
 
+**The FLOP floor** of one step (docs/algorithms.md, section 8) is the work no implementation
+of the method can skip, amortised over the intervals the optimizer runs with:
+
+- forward + backward: XLA's cost analysis of the compiled SGD step (``cost_analysis()``),
+  which counts every operation the model runs (BatchNorm, activations, loss, the update),
+  and of a convolution only the taps that meet the input, not its zero padding. Where a
+  backend reports no count (or less than half the analytic one) the analytic count of the
+  tagged layers' products is used instead, 3 x 2 N T d_in d_out (forward, input and weight
+  gradients); the header says which;
+- preconditioning, every step: EKFAC/TEKFAC project into the eigenbasis and back, 4
+  products (2 d_in^2 d_out + 2 d_in d_out^2 per pair); KFAC/TKFAC multiply by their cached
+  inverse factors, 2 products (:func:`precondition_flops`);
+- on the steps that use statistics: the sampled-label backward pass (output gradients only,
+  no weight gradients: 2 N T d_in d_out per layer and label sample, the first layer's
+  included, a slight over-count) and the factor products
+  (2 N T d_in^2 + 2 S N T d_out^2, plus TKFAC's weights); on rescale steps EKFAC/TEKFAC's S;
+- on refresh steps: ``eigh`` at ~9 d^3 per factor (symmetric QR with eigenvectors, Golub &
+  Van Loan, section 8.3; LAPACK's divide and conquer needs fewer), and for KFAC/TKFAC the
+  inverse factors Q diag(1/d) Q^T, 2 d^3 per factor (their recomputations when D changes
+  between refreshes are not counted).
+
 Synthetic data; the device is recorded. ``--json`` also writes every number.
 
     python scripts/bench.py                       # digits MLP and CNN, batch 128 and 256
+    python scripts/bench.py --models autoencoder --batch-sizes 256 --optimizers kfac tekfac
     python scripts/bench.py --models resnet20 --batch-sizes 128 --window 20 --stages
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import inspect
 import json
+import math
+import re
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,48 +69,108 @@ import numpy as np
 import optax
 
 import tekfax
-from tekfax import curvature, eigenbasis, precondition, rescale
+from tekfax import curvature, eigenbasis, losses, precondition, rescale
 from tekfax.capture import iter_layer_stats
 from tekfax.experiments import models
 from tekfax.experiments.compare import single_threaded_lapack
-from tekfax.patches import input_matrix, output_matrix
+from tekfax.patches import CHUNK_ELEMENTS, chunking, input_matrix, locations, output_matrix
 
-SHAPES = {"mlp": (8, 8, 1), "cnn": (8, 8, 1), "resnet20": (32, 32, 3), "vgg16": (32, 32, 3)}
+SHAPES = {  # per-example input shape of each bench model
+    "mlp": (8, 8, 1),
+    "cnn": (8, 8, 1),
+    "autoencoder": (28, 28, 1),  # MNIST
+    "resnet20": (32, 32, 3),
+    "vgg16": (32, 32, 3),
+}
 INTERVALS = {  # variants of each Kronecker preset: its keyword arguments
     "default": {},
     "stats1-eig5": {"curvature_every": 1, "eigen_every": 5, "rescale_every": 1},
     "unguarded": {"skip_non_finite": False},  # the default without the guard: its cost
 }
+
+
+class Preset(NamedTuple):
+    """A Kronecker preset: its constructor, curvature estimator and whether it has S."""
+
+    make: Callable[..., optax.GradientTransformation]
+    estimator: str
+    eigen_corrected: bool
+
+
 KRONECKER = {
-    "kfac": tekfax.kfac,
-    "ekfac": tekfax.ekfac,
-    "tkfac": tekfax.tkfac,
-    "tekfac": tekfax.tekfac,
+    "kfac": Preset(tekfax.kfac, "kfac", False),
+    "ekfac": Preset(tekfax.ekfac, "kfac", True),
+    "tkfac": Preset(tekfax.tkfac, "tkfac", False),
+    "tekfac": Preset(tekfax.tekfac, "tkfac", True),
 }
 _PRESET = inspect.signature(tekfax.kfac).parameters
 DEFAULTS = {  # The library's default intervals, read from the preset's signature.
     k: _PRESET[k].default for k in ("curvature_every", "eigen_every", "rescale_every")
 }
+EIGH_FLOPS = 9.0  # per d^3 and factor: symmetric QR with eigenvectors (Golub & Van Loan 8.3)
+INVERSE_FLOPS = 2.0  # per d^3 and factor: Q diag(1/d) Q^T, one product
 MIB = 2.0**20
 
 
-def optimizers(
-    only: list[str] | None, intervals: list[str] | None = None
-) -> dict[str, tuple[optax.GradientTransformation, bool]]:
-    """name -> (optimizer, uses curvature statistics); lr 0.01, damping 0.1."""
+class Entry(NamedTuple):
+    """One benchmarked optimizer: preset (a KRONECKER key) and intervals; None for SGD etc."""
+
+    opt: optax.GradientTransformation
+    preset: str | None
+    every: dict[str, int]
+
+
+def optimizers(only: list[str] | None, intervals: list[str] | None = None) -> dict[str, Entry]:
+    """name -> :class:`Entry`; lr 0.01, damping 0.1. SGD with momentum always comes first."""
     out = {
-        "sgdm": (optax.sgd(0.01, momentum=0.9), False),
-        "adam": (optax.adam(1e-3), False),
-        "eadam": (tekfax.eadam(1e-3), False),
+        "sgdm": Entry(optax.sgd(0.01, momentum=0.9), None, {}),
+        "adam": Entry(optax.adam(1e-3), None, {}),
+        "eadam": Entry(tekfax.eadam(1e-3), None, {}),
     }
     for interval, kwargs in INTERVALS.items():
         if intervals and interval not in intervals:
             continue
-        for name, make in KRONECKER.items():
-            out[f"{name} ({interval})"] = (make(0.01, damping=0.1, **kwargs), True)
+        every = {k: kwargs.get(k, v) for k, v in DEFAULTS.items()}
+        for name, preset in KRONECKER.items():
+            opt = preset.make(0.01, damping=0.1, **kwargs)
+            out[f"{name} ({interval})"] = Entry(opt, name, every)
     if only:
         out = {k: v for k, v in out.items() if k == "sgdm" or k.split(" ")[0] in only}
     return out
+
+
+# --- model, data and step -----------------------------------------------------------------
+
+
+class Bench(NamedTuple):
+    """One model on one synthetic batch, with its loss (tekfax.losses name)."""
+
+    model: Any
+    variables: dict
+    x: jax.Array
+    y: jax.Array
+    loss: str
+
+    @property
+    def has_bn(self) -> bool:
+        return "batch_stats" in self.variables
+
+
+def setup(name: str, batch: int) -> Bench:
+    """Model ``name`` and a synthetic batch: labels for classifiers, the input in [0, 1] for
+    the auto-encoder, whose targets are its flattened inputs (``models.model_loss``)."""
+    shape = SHAPES[name]
+    model = models.create_model(name, 10, shape)
+    variables = models.init_variables(model, shape, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    loss = models.model_loss(name)
+    if loss == "softmax_cross_entropy":
+        x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    else:
+        x = jnp.asarray(rng.uniform(size=(batch, *shape)), jnp.float32)
+        y = x.reshape(batch, -1)
+    return Bench(model, variables, x, y, loss)
 
 
 def _apply_fn(model, has_bn: bool):
@@ -93,28 +183,42 @@ def _apply_fn(model, has_bn: bool):
     return apply
 
 
-def make_step(model, opt, kronecker: bool, has_bn: bool):
-    apply = _apply_fn(model, has_bn)
+def _capture(b: Bench, params, batch_stats, key, compute_stats) -> tekfax.CurvatureOutput:
+    apply = _apply_fn(b.model, b.has_bn)
+    return tekfax.loss_and_curvature(
+        lambda p: apply(p, batch_stats, b.x),
+        params,
+        b.y,
+        loss=b.loss,
+        rng=key,
+        has_aux=True,
+        compute_stats=compute_stats,
+    )
+
+
+def _loss_and_grads(b: Bench, params, batch_stats):
+    apply = _apply_fn(b.model, b.has_bn)
+
+    def loss_fn(p):
+        outputs, aux = apply(p, batch_stats, b.x)
+        return losses.mean_loss(b.loss, outputs, b.y), aux
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def make_step(b: Bench, entry: Entry):
+    """The jitted, donating training step of ``entry``'s optimizer on model ``b``."""
+    opt = entry.opt
 
     def step(params, batch_stats, opt_state, x, y, key):
-        if kronecker:
-            out = tekfax.loss_and_curvature(
-                lambda p: apply(p, batch_stats, x),
-                params,
-                y,
-                rng=key,
-                has_aux=True,
-                compute_stats=tekfax.stats_needed(opt_state),
-            )
-            loss, grads, aux = out.loss, out.grads, out.aux
-            updates, opt_state = opt.update(grads, opt_state, params, stats=out.stats)
+        b_xy = b._replace(x=x, y=y)
+        if entry.preset is not None:
+            needed = tekfax.stats_needed(opt_state)
+            out = _capture(b_xy, params, batch_stats, key, needed)
+            loss, aux = out.loss, out.aux
+            updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
         else:
-
-            def loss_fn(p):
-                logits, aux = apply(p, batch_stats, x)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), aux
-
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            (loss, aux), grads = _loss_and_grads(b_xy, params, batch_stats)
             updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, aux.get("batch_stats", batch_stats), opt_state, loss
@@ -122,71 +226,261 @@ def make_step(model, opt, kronecker: bool, has_bn: bool):
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def peak_bytes(compiled) -> float:
-    """Peak memory of a compiled program from XLA's buffer assignment."""
+def memory(compiled) -> dict[str, float]:
+    """XLA's buffer assignment of a compiled program, bytes; ``peak`` as the table counts it."""
     m = compiled.memory_analysis()
-    return (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        + m.temp_size_in_bytes
-        - m.alias_size_in_bytes
-    )
+    out = {
+        k: float(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")
+    }
+    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of one call from XLA's cost analysis; 0 where the backend gives none."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
 
 
 def _copy(tree):
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-def _setup(name: str, batch: int):
-    shape = SHAPES[name]
-    model = models.create_model(name, 10, shape)
-    variables = models.init_variables(model, shape, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-    return model, variables, x, y
+def warm_up_compiler() -> None:
+    """Compiles a trivial function: XLA's one-time start-up is not charged to SGD's compile."""
+    jax.jit(lambda v: v * 2.0 + 1.0).lower(jnp.zeros((8,), jnp.float32)).compile()
+
+
+# --- the FLOP floor -----------------------------------------------------------------------
+
+
+class Dims(NamedTuple):
+    """A tagged layer's sizes: label samples S, examples N, locations T, d_in, d_out."""
+
+    samples: int
+    n: int
+    t: int
+    d_in: int
+    d_out: int
+
+
+def _dims(s: tekfax.LayerStats) -> Dims:
+    return Dims(*s.out_grads.shape[:2], locations(s.out_grads), s.meta.d_in, s.meta.d_out)
+
+
+def layer_dims(stats) -> dict[str, Dims]:
+    """Each layer's :class:`Dims` from ``loss_and_curvature`` stats (shapes suffice)."""
+    return {k: _dims(s) for k, s in iter_layer_stats(stats)}
+
+
+def stats_shapes(b: Bench):
+    """The shapes of ``b``'s curvature statistics (no computation)."""
+    params, batch_stats = b.variables["params"], b.variables.get("batch_stats", {})
+    return jax.eval_shape(
+        lambda p: _capture(b, p, batch_stats, jax.random.key(0), True).stats, params
+    )
+
+
+def forward_flops(d: Dims) -> float:
+    """One layer's forward product, 2 N T d_in d_out (as each backward product)."""
+    return 2.0 * d.n * d.t * d.d_in * d.d_out
+
+
+def precondition_flops(eigen_corrected: bool, d: Dims) -> float:
+    """Preconditioning one layer's (d_in, d_out) gradient.
+
+    A pair of products, one with a (d_in, d_in) and one with a (d_out, d_out) matrix, costs
+    2 d_in^2 d_out + 2 d_in d_out^2. EKFAC/TEKFAC need two pairs (Q_in^T G Q_out, then back
+    with Q_in and Q_out^T); KFAC/TKFAC one, with their cached inverse factors.
+    """
+    pairs = 2 if eigen_corrected else 1
+    return pairs * (2.0 * d.d_in**2 * d.d_out + 2.0 * d.d_in * d.d_out**2)
+
+
+def factor_flops(estimator: str, d: Dims) -> float:
+    """One batch's factor products: 2 N T d_in^2 + 2 S N T d_out^2, plus TKFAC's weights."""
+    flops = 2.0 * d.n * d.t * d.d_in**2 + 2.0 * d.samples * d.n * d.t * d.d_out**2
+    if estimator == "tkfac":  # the weights |u|^2, |a|^2 and their broadcast products
+        flops += 3.0 * d.n * d.t * (d.d_in + d.samples * d.d_out)
+    return flops
+
+
+def rescale_flops(d: Dims) -> float:
+    """One batch's S by the path ``rescale.per_example`` takes (docs/algorithms.md, s. 8)."""
+    n, t, d_in, d_out, s = d.n, d.t, d.d_in, d.d_out, d.samples
+    if t == 1:
+        return 2.0 * n * (d_in**2 + s * d_out**2) + 3.0 * s * n * d_in * d_out
+    per_grad = (
+        2.0 * t * (d_in**2 + d_out**2 + d_in * d_out)
+        if rescale.project_first(t, d_in, d_out)
+        else 2.0 * (t * d_in * d_out + d_in**2 * d_out + d_in * d_out**2)
+    )
+    return s * n * (per_grad + 2.0 * d_in * d_out)
+
+
+def preset_flops(preset: str, dims: dict[str, Dims]) -> dict[str, float]:
+    """FLOPs of one run of each Kronecker stage of ``preset``, summed over the layers."""
+    p = KRONECKER[preset]
+    cubes = sum(d.d_in**3 + d.d_out**3 for d in dims.values())
+    out = {
+        "precondition": sum(precondition_flops(p.eigen_corrected, d) for d in dims.values()),
+        "sampled backward": sum(d.samples * forward_flops(d) for d in dims.values()),
+        "factors": sum(factor_flops(p.estimator, d) for d in dims.values()),
+        "eigh": EIGH_FLOPS * cubes,
+    }
+    if p.eigen_corrected:
+        out["S"] = sum(rescale_flops(d) for d in dims.values())
+    else:
+        out["inverses"] = INVERSE_FLOPS * cubes
+    return out
+
+
+def due_shares(every: dict[str, int], eigen_corrected: bool) -> dict[str, float]:
+    """Share of steps on which each stage runs (the schedule of docs/algorithms.md, s. 3)."""
+    c, e, r = every["curvature_every"], every["eigen_every"], every["rescale_every"]
+    steps = np.arange(math.lcm(c, e, r))
+    rescaled = (steps % e == 0) | (steps % r == 0)
+    used = (steps % c == 0) | (rescaled if eigen_corrected else False)
+    share = {
+        "precondition": 1.0,
+        "sampled backward": used.mean(),
+        "factors": np.mean(steps % c == 0),
+    }
+    share.update(eigh=np.mean(steps % e == 0), inverses=np.mean(steps % e == 0), S=rescaled.mean())
+    return {k: float(v) for k, v in share.items()}
+
+
+def floor_flops(entry: Entry, dims: dict[str, Dims], fwd_bwd: float) -> dict[str, float]:
+    """FLOPs per step, amortised, by stage (the module docstring); a plain step: fwd_bwd."""
+    out = {"forward + backward": fwd_bwd}
+    if entry.preset is not None:
+        shares = due_shares(entry.every, KRONECKER[entry.preset].eigen_corrected)
+        out.update({k: f * shares[k] for k, f in preset_flops(entry.preset, dims).items()})
+    return out
+
+
+def model_flops(compiled_sgd, dims: dict[str, Dims]) -> tuple[float, str]:
+    """Forward + backward FLOPs: XLA's count of the SGD step, or the analytic one (docstring)."""
+    analytic = 3.0 * sum(forward_flops(d) for d in dims.values())
+    counted = xla_flops(compiled_sgd)
+    if counted >= 0.5 * analytic:
+        return counted, "XLA cost analysis of the SGD step"
+    return analytic, "analytic, tagged layers' products (XLA gave no usable count)"
+
+
+# --- memory -------------------------------------------------------------------------------
+
+
+def _mib(leaves) -> float:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves) / MIB
+
+
+def state_mib(opt_state) -> dict[str, float]:
+    """Optimizer state in MiB by field name (``LayerCurvature`` fields, ``_in``/``_out``
+    merged; ``trace`` is the momentum), largest first."""
+    out = collections.Counter()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+        out[re.sub(r"_(in|out)$", "", names[-1]) if names else "other"] += _mib([leaf])
+    return dict(out.most_common())
+
+
+def statistics_mib(stats) -> dict[str, tuple[float, str, float]]:
+    """Buffers of one statistics step: item -> (MiB over layers, largest layer, its MiB).
+
+    The layer matrices a (im2col for convolutions) and the per-example gradients of S
+    (EKFAC/TEKFAC, layers with T > 1) are counted for one chunk of the batch, as
+    :func:`tekfax.patches.sum_over_examples` streams them.
+    """
+    items = collections.defaultdict(dict)
+    for k, s in iter_layer_stats(stats):
+        samples, n, t, d_in, d_out = _dims(s)
+        size = np.dtype(s.inputs.dtype).itemsize / MIB
+        items["layer inputs"][k] = _mib([s.inputs])
+        items["sampled output gradients u"][k] = _mib([s.out_grads])
+        blocks, chunk, _ = chunking(n, t * (d_in + samples * d_out))
+        items["layer matrices a"][k] = blocks * chunk * t * d_in * size
+        if t > 1:
+            per = rescale.elements_per_example(samples, t, d_in, d_out, "per_example")
+            blocks, chunk, _ = chunking(n, per)
+            items["per-example gradients (S)"][k] = blocks * chunk * samples * d_in * d_out * size
+    return {
+        item: (sum(v.values()), max(v, key=v.get), max(v.values())) for item, v in items.items()
+    }
+
+
+# --- steps --------------------------------------------------------------------------------
+
+
+def _time_steps(compiled, args, warmup: int, window: int) -> tuple[list[float], jax.Array]:
+    params, batch_stats, opt_state, x, y = args
+    times = []
+    for i in range(warmup + window):
+        start = time.perf_counter()
+        params, batch_stats, opt_state, loss = compiled(
+            params, batch_stats, opt_state, x, y, jax.random.key(i)
+        )
+        loss.block_until_ready()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times, loss
+
+
+def bench_one(b: Bench, entry: Entry, window: int, warmup: int) -> tuple[dict, Any]:
+    """Compiles and times one optimizer; returns its row and its compiled step."""
+    params = _copy(b.variables["params"])
+    batch_stats = _copy(b.variables.get("batch_stats", {}))
+    opt_state = _copy(entry.opt.init(params))  # distinct buffers: every argument is donated
+    state_sizes = state_mib(opt_state)
+    step = make_step(b, entry)
+    start = time.perf_counter()
+    compiled = step.lower(params, batch_stats, opt_state, b.x, b.y, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - start
+    args = (params, batch_stats, opt_state, b.x, b.y)
+    times, loss = _time_steps(compiled, args, warmup, window)
+    row = {
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+        "max_s": max(times),
+        "compile_s": compile_s,
+        "memory": memory(compiled),
+        "state_mib": state_sizes,
+        "finite": bool(np.isfinite(float(loss))),
+    }
+    return row, compiled
 
 
 def bench_steps(
-    name: str, batch: int, window: int, warmup: int, only, intervals=None
-) -> list[dict]:
-    model, variables, x, y = _setup(name, batch)
-    has_bn = "batch_stats" in variables
-    rows = []
-    for opt_name, (opt, kronecker) in optimizers(only, intervals).items():
-        params = _copy(variables["params"])
-        batch_stats = _copy(variables.get("batch_stats", {}))
-        opt_state = _copy(opt.init(params))  # distinct buffers: every argument is donated
-        step = make_step(model, opt, kronecker, has_bn)
-        start = time.perf_counter()
-        compiled = step.lower(params, batch_stats, opt_state, x, y, jax.random.key(0)).compile()
-        compile_s = time.perf_counter() - start
-        times = []
-        for i in range(warmup + window):
-            start = time.perf_counter()
-            params, batch_stats, opt_state, loss = compiled(
-                params, batch_stats, opt_state, x, y, jax.random.key(i)
-            )
-            loss.block_until_ready()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        rows.append(
-            {
-                "optimizer": opt_name,
-                "median_s": statistics.median(times),
-                "mean_s": statistics.fmean(times),
-                "max_s": max(times),
-                "compile_s": compile_s,
-                "peak_bytes": peak_bytes(compiled),
-                "finite": bool(np.isfinite(float(loss))),
-            }
-        )
+    name: str, batch: int, window: int, warmup: int, only, intervals=None, rate: float = 1.0
+) -> dict:
+    """The step table of one model and batch size (module docstring), with its footnotes."""
+    b = setup(name, batch)
+    stats = stats_shapes(b)
+    dims = layer_dims(stats)
+    rows, fwd_bwd, source = [], 0.0, ""
+    entries = optimizers(only, intervals)
+    # The first compilation of a model also pays one-time backend work (GPU autotuning of
+    # its convolutions and matmuls: 8.1 s for SGD's auto-encoder step on an H200 against 1.0 s
+    # for Adam's right after). It is done once, untimed, so that SGD's compile time is its own.
+    bench_one(b, entries["sgdm"], window=1, warmup=0)
+    for opt_name, entry in entries.items():
+        row, compiled = bench_one(b, entry, window, warmup)
+        if not rows:  # SGD: the model's forward and backward FLOPs
+            fwd_bwd, source = model_flops(compiled, dims)
+        floor = floor_flops(entry, dims, fwd_bwd)
+        row.update(optimizer=opt_name, preset=entry.preset, floor_flops=floor)
+        row["floor_s"] = sum(floor.values()) / rate
+        rows.append(row)
     sgd = rows[0]
     for row in rows:
-        row["median_ratio"] = row["median_s"] / sgd["median_s"]
         row["mean_ratio"] = row["mean_s"] / sgd["mean_s"]
-        row["memory_ratio"] = row["peak_bytes"] / sgd["peak_bytes"]
-    return rows
+        row["median_ratio"] = row["median_s"] / sgd["median_s"]
+        row["floor_ratio"] = row["mean_s"] / row["floor_s"]
+        row["compile_ratio"] = row["compile_s"] / sgd["compile_s"]
+        row["memory_ratio"] = row["memory"]["peak"] / sgd["memory"]["peak"]
+    return {"rows": rows, "flops_source": source, "statistics_mib": statistics_mib(stats)}
 
 
 # --- per-stage breakdown ------------------------------------------------------------------
@@ -210,64 +504,26 @@ def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
     return 2.0 * size**3 / _timeit(lambda m: m @ m, a, repeats=repeats)
 
 
-def stage_flops(layers: dict, estimator: str) -> dict[str, float]:
-    """Analytic FLOPs per call of each statistics stage, summed over layers.
+def stage_flops(dims: dict[str, Dims], estimator: str) -> dict[str, float]:
+    """Analytic FLOPs per call of each stage the ``--stages`` table times, summed over layers.
 
-    ``layers`` maps names to (a, u) layer matrices: a (N, T, d_in), u (S, N, T, d_out).
     Matrix products count 2 m n k; only the tagged layers' products are counted (the forward
-    and backward rows leave out BatchNorm and activations, a few percent). Eigendecomposition:
-    ~9 d^3 per factor (symmetric QR with eigenvectors, Golub & Van Loan section 8.3); LAPACK's
-    divide and conquer needs fewer.
+    and backward rows leave out BatchNorm and activations, a few percent). The
+    preconditioning stage timed is the eigenbasis one (4 products, :func:`precondition_flops`).
     """
-    stats = eig = resc = pre = forward = 0.0
-    for a, u in layers.values():
-        samples, n, t, d_out = u.shape
-        d_in = a.shape[-1]
-        forward += 2.0 * n * t * d_in * d_out
-        stats += 2.0 * n * t * d_in**2 + 2.0 * samples * n * t * d_out**2
-        if estimator == "tkfac":  # the weights |u|^2, |a|^2 and their broadcast products
-            stats += 2.0 * n * t * (d_in + samples * d_out) + n * t * (d_in + samples * d_out)
-        eig += 9.0 * (d_in**3 + d_out**3)
-        pre += 4.0 * d_in * d_out * (d_in + d_out)
-        if t == 1:
-            resc += 2.0 * n * t * (d_in**2 + samples * d_out**2) + 3.0 * samples * n * d_in * d_out
-        else:
-            per_grad = (  # the path rescale.per_example takes (docs/algorithms.md, section 8)
-                2.0 * t * (d_in**2 + d_out**2 + d_in * d_out)
-                if rescale.project_first(t, d_in, d_out)
-                else 2.0 * (t * d_in * d_out + d_in**2 * d_out + d_in * d_out**2)
-            )
-            resc += samples * n * (per_grad + 2.0 * d_in * d_out)
+    forward = sum(forward_flops(d) for d in dims.values())
     return {
         "forward + backward": 3.0 * forward,  # forward, input gradients, weight gradients
-        "sampled backward": samples * forward,  # output gradients only, per label sample
-        "statistics": stats,
-        "eigh": eig,
-        "rescale": resc,
-        "precondition": pre,
+        "sampled backward": sum(d.samples * forward_flops(d) for d in dims.values()),
+        "statistics": sum(factor_flops(estimator, d) for d in dims.values()),
+        "eigh": EIGH_FLOPS * sum(d.d_in**3 + d.d_out**3 for d in dims.values()),
+        "rescale": sum(rescale_flops(d) for d in dims.values()),
+        "precondition": sum(precondition_flops(True, d) for d in dims.values()),
     }
 
 
-def bench_stages(name: str, batch: int, repeats: int, peak: float) -> list[dict]:
-    """Per-stage times of one Kronecker step on ``name`` (see the module docstring)."""
-    model, variables, x, y = _setup(name, batch)
-    has_bn = "batch_stats" in variables
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    apply = _apply_fn(model, has_bn)
-
-    def logits(p):
-        return apply(p, batch_stats, x)[0]
-
-    def sgd_grads(p):
-        return jax.grad(
-            lambda q: optax.softmax_cross_entropy_with_integer_labels(logits(q), y).mean()
-        )(p)
-
-    def capture(p, compute):
-        return tekfax.loss_and_curvature(logits, p, y, rng=jax.random.key(0), compute_stats=compute)
-
-    stats = jax.jit(lambda p: capture(p, True).stats)(params)
-    metas = {k: st.meta for k, st in iter_layer_stats(stats)}
+def _stage_inputs(b: Bench, params, stats):
+    """Layer matrices, KFAC factors, damped estimates and eigenbases for the stage timings."""
 
     def matrices(st):
         return {
@@ -275,10 +531,9 @@ def bench_stages(name: str, batch: int, repeats: int, peak: float) -> list[dict]
             for k, s in iter_layer_stats(st)
         }
 
-    def factors(st, estimator):
-        return {k: curvature.batch_factors(estimator, a, u) for k, (a, u) in matrices(st).items()}
-
-    kfac_factors = jax.jit(lambda st: factors(st, "kfac"))(stats)
+    kfac_factors = jax.jit(
+        lambda st: {k: curvature.batch_factors("kfac", a, u) for k, (a, u) in matrices(st).items()}
+    )(stats)
     estimates = {
         (k, side): f + 1e-3 * jnp.eye(f.shape[0], dtype=f.dtype)
         for k, pair in kfac_factors.items()
@@ -286,74 +541,64 @@ def bench_stages(name: str, batch: int, repeats: int, peak: float) -> list[dict]
     }
     bases = jax.jit(eigenbasis.eigh_psd_grouped)(estimates)
     q = {k: (bases[k, "in"][1], bases[k, "out"][1]) for k in kfac_factors}
+    return matrices, estimates, q
+
+
+def _stage_plan(b: Bench, params, batch_stats, stats):
+    """(label, fn, args, interval, FLOP key) of every stage the ``--stages`` table times."""
+    matrices, estimates, q = _stage_inputs(b, params, stats)
+    grads = {k: jnp.ones((d.d_in, d.d_out), jnp.float32) for k, d in layer_dims(stats).items()}
+
+    def sgd(p):
+        return _loss_and_grads(b, p, batch_stats)[1]
+
+    def skipped(p):
+        return _capture(b, p, batch_stats, jax.random.key(0), False).grads
+
+    def sampled(p):
+        return _capture(b, p, batch_stats, jax.random.key(0), True)
+
+    def kfac(st):
+        return {k: curvature.kfac_factors(a, u) for k, (a, u) in matrices(st).items()}
+
+    def tkfac(st):
+        return {k: curvature.tkfac_moments(a, u) for k, (a, u) in matrices(st).items()}
 
     def rescales(st):
-        return {
-            k: rescale.batch_rescale(a, u, *q[k], "per_example")
-            for k, (a, u) in matrices(st).items()
-        }
-
-    grads = {k: jnp.ones((m.d_in, m.d_out), jnp.float32) for k, m in metas.items()}
+        mode = "per_example"
+        return {k: rescale.batch_rescale(a, u, *q[k], mode) for k, (a, u) in matrices(st).items()}
 
     def preconditioned(g):
         return {k: precondition.precondition(g[k], *q[k], g[k]) for k in g}
 
-    shapes = jax.eval_shape(matrices, stats)
-    analytic = stage_flops(
-        {k: (jnp.zeros(a.shape), jnp.zeros(u.shape)) for k, (a, u) in shapes.items()}, "kfac"
-    )
-    every = DEFAULTS
-    plan = [
-        ("forward + backward (SGD)", sgd_grads, (params,), 1, "forward + backward"),
-        (
-            "capture, statistics skipped",
-            lambda p: capture(p, False).grads,
-            (params,),
-            1,
-            "forward + backward",
-        ),
-        (
-            "capture with sampled backward",
-            lambda p: capture(p, True),
-            (params,),
-            None,
-            "sampled backward",
-        ),
-        (
-            "statistics: KFAC factors",
-            lambda st: factors(st, "kfac"),
-            (stats,),
-            "curvature_every",
-            "statistics",
-        ),
-        (
-            "statistics: TKFAC moments",
-            lambda st: factors(st, "tkfac"),
-            (stats,),
-            "curvature_every",
-            "statistics",
-        ),
+    fwd, curv = "forward + backward", "curvature_every"
+    return [
+        ("forward + backward (SGD)", sgd, (params,), 1, fwd),
+        ("capture, statistics skipped", skipped, (params,), 1, fwd),
+        ("capture with sampled backward", sampled, (params,), None, "sampled backward"),
+        ("statistics: KFAC factors", kfac, (stats,), curv, "statistics"),
+        ("statistics: TKFAC moments", tkfac, (stats,), curv, "statistics"),
         ("eigendecompositions", eigenbasis.eigh_psd_grouped, (estimates,), "eigen_every", "eigh"),
         ("rescale S (per example)", rescales, (stats,), "rescale_every", "rescale"),
         ("preconditioning", preconditioned, (grads,), 1, "precondition"),
     ]
-    rows = []
-    for label, fn, args, interval, flops_key in plan:
-        seconds = _timeit(fn, *args, repeats=repeats)
-        flops = analytic[flops_key]
-        period = every[interval] if isinstance(interval, str) else interval
-        rows.append(
-            {
-                "stage": label,
-                "ms": 1e3 * seconds,
-                "every": period,
-                "gflop": flops / 1e9,
-                "gflops_per_s": flops / seconds / 1e9,
-                "share_of_peak": flops / seconds / peak,
-            }
-        )
-    # The sampled-label pass costs the difference between the two captures, timed in
-    # alternation (median of the paired differences) so drift between them cancels.
+
+
+def _stage_row(label: str, seconds: float, every: int, flops: float, peak: float) -> dict:
+    return {
+        "stage": label,
+        "ms": 1e3 * seconds,
+        "every": every,
+        "gflop": flops / 1e9,
+        "gflops_per_s": flops / max(seconds, 1e-12) / 1e9,
+        "share_of_peak": flops / max(seconds, 1e-12) / peak,
+        "amortised_ms": 1e3 * seconds / every if every else float("nan"),
+    }
+
+
+def _sampled_pass_seconds(plan, params, repeats: int) -> float:
+    """The sampled-label pass: the two captures timed in alternation, median of the paired
+    differences, so drift between them cancels."""
     skipped, sampled = jax.jit(plan[1][1]), jax.jit(plan[2][1])
     jax.block_until_ready((skipped(params), sampled(params)))
     differences = []
@@ -363,39 +608,115 @@ def bench_stages(name: str, batch: int, repeats: int, peak: float) -> list[dict]
         middle = time.perf_counter()
         jax.block_until_ready(skipped(params))
         differences.append((middle - start) - (time.perf_counter() - middle))
-    rows[2] = {
-        "stage": "extra sampled-label backward",
-        "ms": 1e3 * statistics.median(differences),
-        # On CPU loss_and_curvature runs this pass on every step (masked); see capture.py.
-        "every": 1 if jax.default_backend() == "cpu" else every["curvature_every"],
-        "gflop": analytic["sampled backward"] / 1e9,
-    }
-    rows[2]["gflops_per_s"] = rows[2]["gflop"] / max(rows[2]["ms"], 1e-9) * 1e3
-    rows[2]["share_of_peak"] = rows[2]["gflops_per_s"] * 1e9 / peak
-    for row in rows:
-        row["amortised_ms"] = row["ms"] / row["every"] if row["every"] else float("nan")
+    return statistics.median(differences)
+
+
+def bench_stages(name: str, batch: int, repeats: int, peak: float) -> list[dict]:
+    """Per-stage times of one Kronecker step on ``name`` (see the module docstring)."""
+    b = setup(name, batch)
+    params, batch_stats = b.variables["params"], b.variables.get("batch_stats", {})
+    stats = jax.jit(lambda p: _capture(b, p, batch_stats, jax.random.key(0), True).stats)(params)
+    analytic = stage_flops(layer_dims(stats), "kfac")
+    plan = _stage_plan(b, params, batch_stats, stats)
+    rows = []
+    for label, fn, args, interval, key in plan:
+        if interval is None:  # the sampled-label pass alone, as a difference of two captures
+            # On CPU loss_and_curvature runs this pass on every step (masked); see capture.py.
+            cpu = jax.default_backend() == "cpu"
+            every = 1 if cpu else DEFAULTS["curvature_every"]
+            seconds = _sampled_pass_seconds(plan, params, repeats)
+            label = "extra sampled-label backward"
+        else:
+            every = DEFAULTS[interval] if isinstance(interval, str) else interval
+            seconds = _timeit(fn, *args, repeats=repeats)
+        rows.append(_stage_row(label, seconds, every, analytic[key], peak))
     return rows
 
 
 # --- output -------------------------------------------------------------------------------
 
 
-def print_steps(name: str, batch: int, rows: list[dict], window: int) -> None:
-    print(f"\n#### {name}, batch {batch}: steps ({window} timed)\n")
+def print_steps(name: str, batch: int, result: dict, window: int, rate: float) -> None:
+    """The step table of :func:`bench_steps` and its footnotes, as Markdown."""
+    rows = result["rows"]
+    fwd_bwd = rows[0]["floor_flops"]["forward + backward"]
     print(
-        "| optimizer | median (ms) | median / SGD | mean (ms) | mean / SGD | peak memory (MiB) "
-        "| memory / SGD | compile (s) |"
+        f"\n#### {name}, batch {batch}: steps ({window} timed); forward + backward "
+        f"{fwd_bwd / 1e9:.3f} GFLOP ({result['flops_source']}); matmul rate "
+        f"{rate / 1e9:.0f} GFLOP/s\n"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| optimizer | median (ms) | mean (ms) | mean / SGD | floor (GFLOP) | floor (ms) "
+        "| mean / floor | compile (s) | compile / SGD | peak memory (MiB) | memory / SGD |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['optimizer']} | {1e3 * r['median_s']:.2f} | {r['median_ratio']:.2f}x | "
-            f"{1e3 * r['mean_s']:.2f} | {r['mean_ratio']:.2f}x | {r['peak_bytes'] / MIB:.1f} | "
-            f"{r['memory_ratio']:.2f}x | {r['compile_s']:.1f} |"
+            f"| {r['optimizer']} | {1e3 * r['median_s']:.2f} | {1e3 * r['mean_s']:.2f} | "
+            f"{r['mean_ratio']:.2f}x | {sum(r['floor_flops'].values()) / 1e9:.3f} | "
+            f"{1e3 * r['floor_s']:.3f} | {r['floor_ratio']:.1f}x | {r['compile_s']:.1f} | "
+            f"{r['compile_ratio']:.1f}x | {r['memory']['peak'] / MIB:.1f} | "
+            f"{r['memory_ratio']:.2f}x |"
         )
+    if _noted(rows):  # footnotes on the Kronecker rows
+        print_floor_notes(rows)
+        print_memory_notes(rows, result["statistics_mib"])
+
+
+def _noted(rows: list[dict]) -> list[dict]:
+    """The Kronecker rows the footnotes describe: one per preset, its first interval."""
+    first = {}
+    for r in rows:
+        if r["preset"] is not None:
+            first.setdefault(r["preset"], r)
+    return list(first.values())
+
+
+def print_floor_notes(rows: list[dict]) -> None:
+    """Each Kronecker preset's floor split into its stages."""
+    print(
+        "\nFloor per step by stage (GFLOP, amortised over the intervals; "
+        f"eigh {EIGH_FLOPS:g} d^3 per factor and refresh):"
+    )
+    for r in _noted(rows):
+        parts = ", ".join(f"{k} {v / 1e9:.4f}" for k, v in r["floor_flops"].items())
+        print(f"- {r['optimizer']}: {parts}")
+
+
+def _items(sizes: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in sizes.items() if v >= 0.005)
+
+
+def print_memory_notes(rows: list[dict], stats_mib: dict) -> None:
+    """Peak memory split into arguments (optimizer state by field) and temporaries."""
+    sgd = rows[0]["memory"]
+    print(
+        "\nMemory (MiB, XLA buffer assignment; outputs alias the donated arguments): "
+        f"{rows[0]['optimizer']} arguments {sgd['argument'] / MIB:.2f}, temporaries "
+        f"{sgd['temp'] / MIB:.2f} (its activations and their gradients)."
+    )
+    for r in _noted(rows):
+        m = r["memory"]
+        print(
+            f"- {r['optimizer']}: arguments {m['argument'] / MIB:.2f} (optimizer state "
+            f"{sum(r['state_mib'].values()):.2f}: {_items(r['state_mib'])}), "
+            f"temporaries {m['temp'] / MIB:.2f}."
+        )
+    parts = "; ".join(
+        f"{item} {total:.2f} (largest {layer}, {size:.2f})"
+        for item, (total, layer, size) in stats_mib.items()
+    )
+    print(
+        f"- Buffers of a statistics step, what the Kronecker temporaries hold: {parts}. SGD "
+        "keeps the layer inputs too. a and the per-example gradients are per chunk of at most "
+        f"{CHUNK_ELEMENTS} elements (tekfax.patches.CHUNK_ELEMENTS); the peak can hold several "
+        "layers' at once, some 2-3 times (a beside its scaled copies for the Gram products, "
+        "the per-example gradients beside their squares for S)."
+    )
 
 
 def print_stages(name: str, batch: int, rows: list[dict], peak: float) -> None:
+    """The ``--stages`` table as Markdown."""
     print(
         f"\n#### {name}, batch {batch}: stages of a Kronecker step "
         f"(float32 matmul peak measured here: {peak / 1e9:.0f} GFLOP/s)\n"
@@ -412,10 +733,11 @@ def print_stages(name: str, batch: int, rows: list[dict], peak: float) -> None:
         )
 
 
-def main() -> None:
-    single_threaded_lapack()  # OpenBLAS threads spinning after eigh slow the next steps
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=list(SHAPES))
+    parser.add_argument(
+        "--models", nargs="+", default=["mlp", "cnn"], choices=list(SHAPES), help="default: mlp cnn"
+    )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 256])
     parser.add_argument(
         "--window", type=int, default=100, help="timed steps; a multiple of the longest interval"
@@ -429,25 +751,48 @@ def main() -> None:
     parser.add_argument("--skip-steps", action="store_true", help="only the stage breakdown")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per stage")
     parser.add_argument("--json", help="write all numbers to this file")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--matmul-size", type=int, default=2048, help="n of the n x n matmul timed for the rate"
+    )
+    return parser
+
+
+def _header(args, rate: float) -> None:
     device = jax.devices()[0]
     print(
         f"device: {device.platform} ({device.device_kind}), {jax.device_count()} device(s); "
-        f"jax {jax.__version__}; default intervals {DEFAULTS}"
+        f"jax {jax.__version__}; default intervals {DEFAULTS}; float32 matmul rate "
+        f"{rate / 1e9:.0f} GFLOP/s"
     )
-    peak = matmul_rate() if args.stages else float("nan")
+    entries = optimizers(args.optimizers, args.intervals).values()
+    longest = max((max(e.every.values()) for e in entries if e.every), default=1)
+    if not args.skip_steps and args.window % longest:
+        print(
+            f"note: window {args.window} is not a multiple of the longest interval ({longest}): "
+            "the means do not carry the periodic stages' share."
+        )
+
+
+def main() -> None:
+    single_threaded_lapack()  # OpenBLAS threads spinning after eigh slow the next steps
+    args = _parser().parse_args()
+    warm_up_compiler()
+    rate = matmul_rate(args.matmul_size)
+    _header(args, rate)
+    device = jax.devices()[0]
     results = {"device": str(device.device_kind), "platform": device.platform, "runs": []}
+    results["matmul_flops_per_s"] = rate
     for name in args.models:
         for batch in args.batch_sizes:
             run = {"model": name, "batch": batch}
             if not args.skip_steps:
                 run["steps"] = bench_steps(
-                    name, batch, args.window, args.warmup, args.optimizers, args.intervals
+                    name, batch, args.window, args.warmup, args.optimizers, args.intervals, rate
                 )
-                print_steps(name, batch, run["steps"], args.window)
+                print_steps(name, batch, run["steps"], args.window, rate)
             if args.stages:
-                run["stages"] = bench_stages(name, batch, args.repeats, peak)
-                print_stages(name, batch, run["stages"], peak)
+                run["stages"] = bench_stages(name, batch, args.repeats, rate)
+                print_stages(name, batch, run["stages"], rate)
             results["runs"].append(run)
     if args.json:
         with open(args.json, "w") as f:

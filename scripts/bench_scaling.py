@@ -68,7 +68,11 @@ def child(args: argparse.Namespace) -> None:
         @jax.jit
         def step(params, opt_state, x, y, key):
             out = tekfax.loss_and_curvature(
-                lambda p: model.apply({"params": p}, x, train=True), params, y, rng=key
+                lambda p: model.apply({"params": p}, x, train=True),
+                params,
+                y,
+                rng=key,
+                compute_stats=tekfax.stats_needed(opt_state),
             )
             updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
             return optax.apply_updates(params, updates), opt_state, out.loss

@@ -51,6 +51,7 @@ def train(
     model = MLP()
     params = model.init(jax.random.key(seed), x_train[:1])["params"]
     opt_state = opt.init(params)
+    kronecker = name != "adam"  # Adam reads no statistics: compute none for it
 
     @jax.jit
     def step(params, opt_state, x, y, rng):
@@ -61,6 +62,8 @@ def train(
             loss="softmax_cross_entropy",
             fisher="sampled",
             rng=rng,
+            # Skips the sampled-label pass on the steps whose statistics would be unused.
+            compute_stats=tekfax.stats_needed(opt_state) if kronecker else False,
         )
         updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
         return optax.apply_updates(params, updates), opt_state, out.loss

@@ -318,15 +318,20 @@ def sampled_output_gradients(
     return jax.vmap(one_draw)(jax.random.split(rng, num_samples))
 
 
-def run_if_needed(compute_stats: bool | jax.Array, pass_fn: Callable[[], Any]) -> Any:
+def run_if_needed(
+    compute_stats: bool | jax.Array, pass_fn: Callable[[], Any], mask_on_cpu: bool = False
+) -> Any:
     """``pass_fn()`` when ``compute_stats`` is true, zeros shaped like its result otherwise.
 
-    A Python bool decides at trace time. A traced flag decides at run time: ``lax.cond``
-    skips the pass on GPU/TPU; on CPU the pass runs and is masked. XLA:CPU runs a
-    conditional's branches as nested computations, measured far slower for convolutions:
-    on the digits CNN at batch 256 the sampled pass costs 0.2-0.6 ms unconditionally but
-    3.5 ms inside ``lax.cond``, and a skipped cond still 0.45 ms (scripts/bench.py,
-    BENCHMARKS.md).
+    A Python bool decides at trace time. A traced flag decides at run time with
+    ``lax.cond``, which skips the pass, except on CPU with ``mask_on_cpu``: there the pass
+    runs and is masked. XLA:CPU runs a conditional's branches as nested computations, and
+    convolutions and their transposes measured slower there: on the digits CNN (batch 256,
+    2 cores) a whole KFAC step took 5.6 ms with the pass masked against 6.4 ms under
+    ``lax.cond``, TEKFAC 6.0 against 7.2 ms. Dense-only models gain from the cond: the MNIST
+    auto-encoder's KFAC step 136 ms against 144 ms masked, the digits MLP's 1.02 against
+    1.10 ms (scripts/bench.py, BENCHMARKS.md). :func:`loss_and_curvature` masks on CPU when
+    the model has a convolution.
     """
 
     def skipped_pass():
@@ -339,13 +344,14 @@ def run_if_needed(compute_stats: bool | jax.Array, pass_fn: Callable[[], Any]) -
             lambda g: jnp.where(flag, g, jnp.zeros((), g.dtype)), pass_fn()
         )
 
+    def cond_pass(flag):
+        return jax.lax.cond(flag, pass_fn, skipped_pass)
+
     if isinstance(compute_stats, bool):
         return pass_fn() if compute_stats else skipped_pass()
-    return jax.lax.platform_dependent(
-        compute_stats,
-        cpu=masked_pass,
-        default=lambda flag: jax.lax.cond(flag, pass_fn, skipped_pass),
-    )
+    if not mask_on_cpu:
+        return cond_pass(compute_stats)
+    return jax.lax.platform_dependent(compute_stats, cpu=masked_pass, default=cond_pass)
 
 
 def output_gradients(
@@ -356,12 +362,13 @@ def output_gradients(
     rng: jax.Array | None = None,
     num_samples: int = 1,
     compute_stats: bool | jax.Array = True,
+    mask_on_cpu: bool = False,
 ) -> dict[str, jax.Array]:
     """Stage 3: d L / d s per layer, (num_samples, N, ..., d_out), for the Fisher chosen.
 
     ``fisher="sampled"``: :func:`sampled_output_gradients`, run when ``compute_stats``
-    (:func:`run_if_needed`). ``fisher="empirical"``: the data-label pass of ``fwd``, with a
-    sample axis of 1.
+    (:func:`run_if_needed`, with ``mask_on_cpu``). ``fisher="empirical"``: the data-label
+    pass of ``fwd``, with a sample axis of 1.
 
     Example:
       >>> found = tekfax.capture.discover_layers(logits_fn, params)
@@ -375,7 +382,7 @@ def output_gradients(
     if fisher == "empirical":
         return {name: g[None] for name, g in fwd.data_out_grads.items()}
     return run_if_needed(
-        compute_stats, lambda: sampled_output_gradients(fwd, loss, rng, num_samples)
+        compute_stats, lambda: sampled_output_gradients(fwd, loss, rng, num_samples), mask_on_cpu
     )
 
 
@@ -444,7 +451,8 @@ def loss_and_curvature(
       compute_stats: whether the optimizer will consume ``stats`` on this step; pass
         ``tekfax.stats_needed(opt_state)``. When false (a traced bool is fine: the choice is
         made at run time, without recompiling) ``out_grads`` are zeros and the sampled-label
-        backward pass is skipped on GPU/TPU, masked on CPU (:func:`run_if_needed`).
+        backward pass is skipped (on CPU, for models with a convolution, it runs and is
+        masked: measured faster there, :func:`run_if_needed`).
 
     Returns:
       ``CurvatureOutput(loss, grads, stats, aux)``; ``stats`` mirrors the params tree down
@@ -462,7 +470,13 @@ def loss_and_curvature(
     found = discover_layers(logits_fn, params, has_aux)
     fwd = forward_pass(logits_fn, params, targets, found, loss=loss, has_aux=has_aux)
     out_grads = output_gradients(
-        fwd, loss=loss, fisher=fisher, rng=rng, num_samples=num_samples, compute_stats=compute_stats
+        fwd,
+        loss=loss,
+        fisher=fisher,
+        rng=rng,
+        num_samples=num_samples,
+        compute_stats=compute_stats,
+        mask_on_cpu=any(d.meta.is_conv for d in found.values()),
     )
     stats = layer_stats(found, fwd.inputs, out_grads, fwd.logits.shape[0])
     return CurvatureOutput(fwd.loss, fwd.grads, nest_by_name(stats), fwd.aux)

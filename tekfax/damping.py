@@ -4,13 +4,17 @@ docs/algorithms.md, section 4. Every rule returns D in kernel layout (d_in, d_ou
 diagonal of the damped block in the eigenbasis Q = Q_in (x) Q_out, so the damped block is
 Q diag(vec D) Q^T. :func:`choose_rule` picks one :data:`DampingRule` per optimizer, at
 construction, from the estimator, the eigenvalue correction and the damping arguments.
+
+KFAC's and TKFAC's rules are factored, D = outer(d_in, d_out): :func:`choose_factored_rule`
+gives their two vectors (a :class:`FactoredDamping` per layer), from which the preconditioner
+builds the damped inverse factors (docs/algorithms.md, section 5).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +50,44 @@ def pi_factor(eig_in: jax.Array, eig_out: jax.Array) -> jax.Array:
     return jnp.where(ok, jnp.sqrt(safe_div(mean_in, mean_out)), 1.0)
 
 
+class FactoredDamping(NamedTuple):
+    """The two vectors of a factored D = outer(inp, out) (docs/algorithms.md, sections 4-5).
+
+    ``inp`` (d_in,) and ``out`` (d_out,) are the eigenvalues of the damped input and output
+    factors, so the damped block is (Q_in diag(inp) Q_in^T) (x) (Q_out diag(out) Q_out^T).
+
+    Example:
+      >>> from tekfax.damping import FactoredDamping
+      >>> FactoredDamping(jnp.array([1.0, 2.0]), jnp.array([3.0])).outer()
+      Array([[3.],
+             [6.]], dtype=float32)
+    """
+
+    inp: jax.Array
+    out: jax.Array
+
+    def outer(self) -> jax.Array:
+        """D = outer(inp, out), (d_in, d_out)."""
+        return jnp.outer(self.inp, self.out)
+
+
+def _factored_pair(eig_in, eig_out, damping, pi=1.0) -> FactoredDamping:
+    root = jnp.sqrt(damping)
+    return FactoredDamping(eig_in + pi * root, eig_out + root / pi)
+
+
+def _tkfac_normal_pair(eig_in, eig_out, delta, damping) -> FactoredDamping:
+    scale = safe_div(1.0, jnp.sqrt(delta))
+    return _factored_pair(eig_in * scale, eig_out * scale, damping)
+
+
+def _trace_adaptive_pair(phi, psi, delta_tilde) -> FactoredDamping:
+    root = jnp.sqrt(delta_tilde)
+    return FactoredDamping(
+        root * phi + delta_tilde / phi.shape[0], root * psi + delta_tilde / psi.shape[0]
+    )
+
+
 def factored(
     eig_in: jax.Array, eig_out: jax.Array, damping: jax.Array, pi: jax.Array | float = 1.0
 ) -> jax.Array:
@@ -60,8 +102,7 @@ def factored(
       Array([[2.],
              [4.]], dtype=float32)
     """
-    root = jnp.sqrt(damping)
-    return jnp.outer(eig_in + pi * root, eig_out + root / pi)
+    return _factored_pair(eig_in, eig_out, damping, pi).outer()
 
 
 def tkfac_normal(
@@ -77,8 +118,7 @@ def tkfac_normal(
       >>> tkfac_normal(jnp.array([4.0]), jnp.array([4.0]), jnp.array(4.0), 1.0)
       Array([[9.]], dtype=float32)
     """
-    scale = safe_div(1.0, jnp.sqrt(delta))
-    return factored(eig_in * scale, eig_out * scale, damping)
+    return _tkfac_normal_pair(eig_in, eig_out, delta, damping).outer()
 
 
 def trace_adaptive_factored(phi: jax.Array, psi: jax.Array, delta_tilde: jax.Array) -> jax.Array:
@@ -92,10 +132,7 @@ def trace_adaptive_factored(phi: jax.Array, psi: jax.Array, delta_tilde: jax.Arr
       >>> trace_adaptive_factored(jnp.array([1.0]), jnp.array([1.0]), jnp.array(4.0))
       Array([[36.]], dtype=float32)
     """
-    root = jnp.sqrt(delta_tilde)
-    return jnp.outer(
-        root * phi + delta_tilde / phi.shape[0], root * psi + delta_tilde / psi.shape[0]
-    )
+    return _trace_adaptive_pair(phi, psi, delta_tilde).outer()
 
 
 def rescale_fixed(s: jax.Array, damping: jax.Array) -> jax.Array:
@@ -234,14 +271,15 @@ def _kfac_fixed(bases, s, is_conv, damping, nu, *, pi_adjusted: bool):
     out = {}
     for k, b in bases.items():
         pi = pi_factor(b.eig_in, b.eig_out) if pi_adjusted else 1.0
-        out[k] = factored(b.eig_in, b.eig_out, _at(damping, k), pi)
+        out[k] = _factored_pair(b.eig_in, b.eig_out, _at(damping, k), pi)
     return out
 
 
 def _tkfac_fixed(bases, s, is_conv, damping, nu):
     del s, is_conv, nu
     return {
-        k: tkfac_normal(b.eig_in, b.eig_out, b.delta, _at(damping, k)) for k, b in bases.items()
+        k: _tkfac_normal_pair(b.eig_in, b.eig_out, b.delta, _at(damping, k))
+        for k, b in bases.items()
     }
 
 
@@ -249,7 +287,7 @@ def _factored_adaptive(bases, s, is_conv, damping, nu, *, tkfac: bool):
     del s, damping
     unit = {k: unit_trace(b, tkfac) for k, b in bases.items()}
     tilde = adaptive_deltas({k: u[2] for k, u in unit.items()}, is_conv, nu)
-    return {k: trace_adaptive_factored(phi, psi, tilde[k]) for k, (phi, psi, _) in unit.items()}
+    return {k: _trace_adaptive_pair(phi, psi, tilde[k]) for k, (phi, psi, _) in unit.items()}
 
 
 def _rescale_fixed(bases, s, is_conv, damping, nu):
@@ -263,6 +301,26 @@ def _rescale_adaptive(bases, s, is_conv, damping, nu):
     return {k: rescale_trace(s[k], tilde[k]) for k in bases}
 
 
+FactoredRule = Callable[..., dict[str, FactoredDamping]]
+"""``rule(bases, s, is_conv, damping, nu) -> {layer: FactoredDamping}``: the arguments of a
+:data:`DampingRule`, the two vectors of each layer's factored D."""
+
+
+def _pair_rule(estimator: str, adaptive: bool, pi_adjusted: bool) -> FactoredRule:
+    """KFAC's or TKFAC's factored rule, unclamped (section 4)."""
+    if adaptive:
+        return functools.partial(_factored_adaptive, tkfac=estimator == "tkfac")
+    if estimator == "tkfac":
+        return _tkfac_fixed
+    return functools.partial(_kfac_fixed, pi_adjusted=pi_adjusted)
+
+
+def _clamped(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    # A damped eigenvalue beyond the float maximum divides to 0 either way; clamping it
+    # keeps inf out of the state (the guard would otherwise skip every later step).
+    return jnp.minimum(x, jnp.finfo(dtype).max).astype(dtype)
+
+
 def choose_rule(
     estimator: str, eigen_corrected: bool, adaptive: bool, pi_adjusted: bool = False
 ) -> DampingRule:
@@ -274,7 +332,7 @@ def choose_rule(
     - TKFAC: the normal factored damping (TKFAC Eq. 13-14);
     - KFAC: factored damping, split by pi when ``pi_adjusted`` (Martens & Grosse 2015).
 
-    The rule returns D in the dtype of each layer's eigenvalues.
+    The rule returns D in the dtype of each layer's eigenvalues, at most the float maximum.
 
     Example:
       >>> from tekfax.damping import choose_rule
@@ -286,20 +344,47 @@ def choose_rule(
     """
     if eigen_corrected:
         rule = _rescale_adaptive if adaptive else _rescale_fixed
-    elif adaptive:
-        rule = functools.partial(_factored_adaptive, tkfac=estimator == "tkfac")
-    elif estimator == "tkfac":
-        rule = _tkfac_fixed
     else:
-        rule = functools.partial(_kfac_fixed, pi_adjusted=pi_adjusted)
+        pairs = _pair_rule(estimator, adaptive, pi_adjusted)
+
+        def rule(*args):
+            return {k: p.outer() for k, p in pairs(*args).items()}
 
     def damped(bases, s, is_conv, damping, nu):
         out = rule(bases, s, is_conv, damping, nu)
-        # A damped eigenvalue beyond the float maximum divides to 0 either way; clamping it
-        # keeps inf out of the state (the guard would otherwise skip every later step).
+        return {k: _clamped(out[k], b.eig_in.dtype) for k, b in bases.items()}
+
+    return damped
+
+
+def choose_factored_rule(
+    estimator: str, eigen_corrected: bool, adaptive: bool, pi_adjusted: bool = False
+) -> FactoredRule | None:
+    """The two vectors of :func:`choose_rule`'s D for KFAC/TKFAC; None when eigen-corrected.
+
+    Same arguments and same formulas as :func:`choose_rule`: each layer's D is outer(inp,
+    out) (before the clamp), and each vector is clamped to the float maximum as D is. The
+    preconditioner inverts the damped factors Q diag(vec) Q^T once per refresh or damping
+    change (docs/algorithms.md, section 5).
+
+    Example:
+      >>> from tekfax.damping import choose_factored_rule
+      >>> from tekfax.eigenbasis import Eigenbasis
+      >>> rule = choose_factored_rule("kfac", eigen_corrected=False, adaptive=False)
+      >>> basis = Eigenbasis(jnp.eye(2), jnp.array([3.0, 0.0]), jnp.eye(1), jnp.array([0.0]),
+      ...                    None)
+      >>> rule({"Dense_0": basis}, {"Dense_0": None}, {"Dense_0": False}, 4.0, None)["Dense_0"]
+      FactoredDamping(inp=Array([5., 2.], dtype=float32), out=Array([2.], dtype=float32))
+    """
+    if eigen_corrected:
+        return None
+    pairs = _pair_rule(estimator, adaptive, pi_adjusted)
+
+    def rule(bases, s, is_conv, damping, nu):
+        out = pairs(bases, s, is_conv, damping, nu)
         return {
-            k: jnp.minimum(out[k], jnp.finfo(b.eig_in.dtype).max).astype(b.eig_in.dtype)
+            k: FactoredDamping(*(_clamped(v, b.eig_in.dtype) for v in out[k]))
             for k, b in bases.items()
         }
 
-    return damped
+    return rule

@@ -12,9 +12,14 @@ One update is five stages, each a pure function over named per-layer state:
 4. damping (:func:`tekfax.damping.choose_rule`): the damped eigenvalues D, every step, so
    damping and nu can be changed by ``optax.inject_hyperparams``, a schedule or adaptive
    damping at any time (section 4), after the relative floor raises them (section 9);
-5. preconditioning (:func:`tekfax.precondition.precondition_layers`) of every tagged layer,
-   with the optional norm constraint (section 5); parameters that are not tagged layers pass
-   through unchanged.
+   KFAC/TKFAC (factored D): the damped inverse factors
+   (:func:`tekfax.precondition.damped_inverses`), recomputed only on a refresh or when D
+   differs from theirs beyond rounding, else the cached ones and their D (section 5);
+5. preconditioning of every tagged layer, with the optional norm constraint (section 5):
+   KFAC/TKFAC with the inverse factors (:func:`tekfax.precondition.precondition_factored`,
+   2 matrix products), EKFAC/TEKFAC in the eigenbasis
+   (:func:`tekfax.precondition.precondition_layers`, 4); parameters that are not tagged
+   layers pass through unchanged.
 
 Periodic stages run under ``lax.cond`` on the step count, so one compiled update serves every
 step.
@@ -40,6 +45,7 @@ from tekfax.curvature import Factors
 from tekfax.eigenbasis import Eigenbasis
 from tekfax.hyperparams import Hyperparams, takes_hyperparams
 from tekfax.patches import grad_matrix, locations, matrix_to_grads, sum_over_examples
+from tekfax.precondition import DampedInverses
 from tekfax.states import find_outermost
 from tekfax.tagging import stat_dtype
 from tekfax.validation import (
@@ -70,12 +76,17 @@ class LayerCurvature(NamedTuple):
       delta: TKFAC/TEKFAC only, tr M_Phi of the estimate at the last refresh; None for KFAC.
       rescale: EKFAC/TEKFAC only, the diagonal S in kernel layout (d_in, d_out); else None.
       damped: the damped eigenvalues D used by the last update, (d_in, d_out): the damped
-        block is (Q_in (x) Q_out) diag(vec D) (Q_in (x) Q_out)^T.
+        block is (Q_in (x) Q_out) diag(vec D) (Q_in (x) Q_out)^T. KFAC/TKFAC: the D of the
+        cached inverse factors (within rounding of this step's rule, docs/algorithms.md,
+        section 5).
       peak_mean: the largest mean eigenvalue tr(F_hat)/dim the layer's undamped block has
         had (:func:`tekfax.damping.block_mean`), the scale of the relative damping floor.
+      inv_in, inv_out: KFAC/TKFAC only, the cached damped inverse factors Q_in diag(1/d_in)
+        Q_in^T, (d_in, d_in), and Q_out diag(1/d_out) Q_out^T, (d_out, d_out), of the
+        factored D = outer(d_in, d_out) (docs/algorithms.md, section 5); else None.
 
-    The fields stay flat (checkpoints depend on the layout); :attr:`factors` and
-    :attr:`basis` give the stages' named views.
+    The fields stay flat (checkpoints depend on the layout); :attr:`factors`, :attr:`basis`
+    and :attr:`inverses` give the stages' named views.
     """
 
     factor_in: jax.Array
@@ -88,6 +99,8 @@ class LayerCurvature(NamedTuple):
     rescale: jax.Array | None
     damped: jax.Array
     peak_mean: jax.Array
+    inv_in: jax.Array | None
+    inv_out: jax.Array | None
 
     @property
     def factors(self) -> Factors:
@@ -99,9 +112,19 @@ class LayerCurvature(NamedTuple):
         """The eigenbasis of the last refresh as a :class:`tekfax.eigenbasis.Eigenbasis`."""
         return Eigenbasis(self.q_in, self.eig_in, self.q_out, self.eig_out, self.delta)
 
+    @property
+    def inverses(self) -> DampedInverses | None:
+        """The cached inverse factors as a :class:`tekfax.precondition.DampedInverses`."""
+        return None if self.inv_in is None else DampedInverses(self.inv_in, self.inv_out)
+
 
 def _layer_state(
-    factors: Factors, basis: Eigenbasis, s: jax.Array | None, damped: jax.Array, peak: jax.Array
+    factors: Factors,
+    basis: Eigenbasis,
+    s: jax.Array | None,
+    damped: jax.Array,
+    peak: jax.Array,
+    inverses: DampedInverses | None,
 ) -> LayerCurvature:
     return LayerCurvature(
         factor_in=factors.inp,
@@ -114,6 +137,8 @@ def _layer_state(
         rescale=s,
         damped=damped,
         peak_mean=peak,
+        inv_in=None if inverses is None else inverses.inp,
+        inv_out=None if inverses is None else inverses.out,
     )
 
 
@@ -296,6 +321,7 @@ class _Pipeline(NamedTuple):
     eigen_corrected: bool
     hp: Hyperparams
     damping_rule: damping_rules.DampingRule
+    factored_rule: damping_rules.FactoredRule | None
 
     @property
     def tkfac(self) -> bool:
@@ -303,7 +329,7 @@ class _Pipeline(NamedTuple):
 
 
 def _init_layer(layer: Mapping, pipe: _Pipeline) -> LayerCurvature:
-    """Zero factors, identity bases and zero S for one Dense/Conv kernel (and bias)."""
+    """Zero factors, identity bases, zero S, D = 1 and identity inverses for one kernel."""
     kernel = layer["kernel"]
     dtype = stat_dtype(kernel.dtype)
     d_out = kernel.shape[-1]
@@ -319,6 +345,8 @@ def _init_layer(layer: Mapping, pipe: _Pipeline) -> LayerCurvature:
         rescale=jnp.zeros((d_in, d_out), dtype) if pipe.eigen_corrected else None,
         damped=jnp.ones((d_in, d_out), dtype),
         peak_mean=jnp.zeros((), dtype),
+        inv_in=None if pipe.factored_rule is None else jnp.eye(d_in, dtype=dtype),
+        inv_out=None if pipe.factored_rule is None else jnp.eye(d_out, dtype=dtype),
     )
 
 
@@ -489,6 +517,63 @@ def _damping(
     return {k: damping_rules.floored(damping, p, hp.damping_floor) for k, p in peak.items()}, None
 
 
+DAMPING_ULPS = 16
+"""A D within this many units in the last place of the cached inverses' D keeps them."""
+
+
+def _unchanged(new: jax.Array, old: jax.Array) -> jax.Array:
+    """|new - old| <= DAMPING_ULPS eps |old| everywhere; False if ``new`` is not finite.
+
+    Not an exact comparison: XLA may compute the same D with different rounding in different
+    fusions (a fused multiply-add in one, not in the other), off by an ulp or two.
+    """
+    tol = DAMPING_ULPS * jnp.finfo(old.dtype).eps
+    return jnp.all(jnp.abs(new - old) <= tol * jnp.abs(old))
+
+
+def _cached_inverses(
+    old: Mapping[str, LayerCurvature],
+    bases: Mapping[str, Eigenbasis],
+    damped: Mapping[str, jax.Array],
+    due: Due,
+    rule_args: tuple,
+    pipe: _Pipeline,
+) -> tuple[dict[str, jax.Array], dict[str, DampedInverses | None]]:
+    """Stage 4 under one ``lax.cond`` (KFAC/TKFAC): (D applied, damped inverse factors).
+
+    Recomputed for every layer, with this step's D, on a refresh or when any layer's D
+    differs from the cached inverses' D, the state's ``damped`` (a damping changed by
+    ``inject_hyperparams``, a schedule, adaptive damping or the relative floor), beyond
+    rounding (:data:`DAMPING_ULPS`); else the cached inverses and their D, so a damping that
+    drifts slowly is still caught once it has moved (docs/algorithms.md, section 5).
+    Eigen-corrected: this step's D and None for every layer.
+    """
+    if pipe.factored_rule is None:
+        return dict(damped), {k: None for k in old}
+    unchanged = [_unchanged(damped[k], old[k].damped) for k in old]
+    changed = functools.reduce(jnp.logical_or, [~u for u in unchanged], due.eigen)
+
+    def recompute():
+        pairs = pipe.factored_rule(bases, *rule_args)
+        return dict(damped), {
+            k: precondition.damped_inverses(b, pairs[k]) for k, b in bases.items()
+        }
+
+    def reuse():
+        return {k: v.damped for k, v in old.items()}, {k: v.inverses for k, v in old.items()}
+
+    return lax.cond(changed, recompute, reuse)
+
+
+def _precondition(grads, bases, damped, inverses, pipe: _Pipeline, lr) -> dict[str, jax.Array]:
+    """Stage 5: with the inverse factors (KFAC/TKFAC) or in the eigenbasis (section 5)."""
+    if pipe.factored_rule is None:
+        return precondition.precondition_layers(grads, bases, damped, pipe.hp.norm_constraint, lr)
+    return precondition.precondition_factored(
+        grads, bases, damped, inverses, pipe.hp.norm_constraint, lr
+    )
+
+
 def _update(
     updates: Any,
     state: ScaleByKroneckerState,
@@ -514,14 +599,20 @@ def _update(
         k: jnp.maximum(old[k].peak_mean, damping_rules.block_mean(bases[k], s[k])) for k in active
     }
     dims = {k: old[k].damped.size for k in active}
-    lam, nu = _damping(pipe.hp, damping, peak, dims)
-    damped = pipe.damping_rule(bases, s, is_conv, lam, nu)
+    rule_args = (s, is_conv, *_damping(pipe.hp, damping, peak, dims))
+    damped = pipe.damping_rule(bases, *rule_args)
+    damped, inverses = _cached_inverses(old, bases, damped, due, rule_args, pipe)
     grads = {k: grad_matrix(grad_layers[k], old[k].factor_in.dtype) for k in active}
     lr = _learning_rate_at(pipe.hp.learning_rate, state.count)
-    pre = precondition.precondition_layers(grads, bases, damped, pipe.hp.norm_constraint, lr)
+    pre = _precondition(grads, bases, damped, inverses, pipe, lr)
 
     layers = dict(state.layers)
-    layers.update({k: _layer_state(factors[k], bases[k], s[k], damped[k], peak[k]) for k in active})
+    layers.update(
+        {
+            k: _layer_state(factors[k], bases[k], s[k], damped[k], peak[k], inverses[k])
+            for k in active
+        }
+    )
     new_updates = _replace_layers(
         updates, {k: matrix_to_grads(pre[k], grad_layers[k]) for k in active}
     )
@@ -570,8 +661,14 @@ def scale_by_kronecker(
       Gao et al. (https://arxiv.org/abs/2011.13609).
     """
     _check_hyperparams(estimator, eigen_corrected, hp)
-    rule = damping_rules.choose_rule(estimator, eigen_corrected, hp.nu is not None, hp.pi_adjusted)
-    pipe = _Pipeline(estimator, eigen_corrected, hp, rule)
+    args = (estimator, eigen_corrected, hp.nu is not None, hp.pi_adjusted)
+    pipe = _Pipeline(
+        estimator,
+        eigen_corrected,
+        hp,
+        damping_rules.choose_rule(*args),
+        damping_rules.choose_factored_rule(*args),
+    )
 
     def update_fn(updates, state, params=None, *, stats=None, damping=None, **extra_args):
         del params, extra_args

@@ -14,6 +14,7 @@ predictive distribution:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -69,8 +70,23 @@ def mean_loss(loss: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
     ).mean()
 
 
+def _flat(draw: Callable[..., jax.Array], rng: jax.Array, shape: tuple, dtype) -> jax.Array:
+    """``draw(rng, (size,), dtype)`` reshaped to ``shape``.
+
+    The same distribution as drawing ``shape`` directly, but XLA:CPU compiles the
+    partitionable threefry generator (JAX's default) about 4x faster for a 1-D shape: 0.12 s
+    instead of 0.48 s for 256 x 10 uniforms, a quarter of a small CNN's whole gradient step.
+    """
+    return draw(rng, (math.prod(shape),), dtype).reshape(shape)
+
+
 def sample_targets(loss: str, rng: jax.Array, outputs: jax.Array) -> jax.Array:
     """Draws y ~ p(. | f(x)) from the model's predictive distribution (true Fisher).
+
+    Categorical labels by the Gumbel-max trick (as ``jax.random.categorical``), Bernoulli
+    targets as u < sigmoid(f), Gaussian ones as f + N(0, I); the random numbers are drawn as
+    one flat vector (:func:`_flat`), so the labels differ from ``jax.random.categorical``'s
+    for the same key but follow the same distribution.
 
     Example:
       >>> labels = tekfax.losses.sample_targets("softmax_cross_entropy", rng, logits_fn(params))
@@ -79,8 +95,12 @@ def sample_targets(loss: str, rng: jax.Array, outputs: jax.Array) -> jax.Array:
     """
     check_loss(loss)
     outputs = jax.lax.stop_gradient(outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32)))
+    dtype = outputs.dtype
     if loss == "softmax_cross_entropy":
-        return jax.random.categorical(rng, outputs, axis=-1)
+        tiny = jnp.finfo(dtype).tiny
+        u = _flat(lambda k, s, d: jax.random.uniform(k, s, d, tiny, 1.0), rng, outputs.shape, dtype)
+        return jnp.argmax(outputs - jnp.log(-jnp.log(u)), axis=-1).astype(jnp.int32)
     if loss == "sigmoid_binary_cross_entropy":
-        return jax.random.bernoulli(rng, jax.nn.sigmoid(outputs)).astype(outputs.dtype)
-    return outputs + jax.random.normal(rng, outputs.shape, outputs.dtype)
+        u = _flat(jax.random.uniform, rng, outputs.shape, dtype)
+        return (u < jax.nn.sigmoid(outputs)).astype(dtype)
+    return outputs + _flat(jax.random.normal, rng, outputs.shape, dtype)

@@ -1,14 +1,17 @@
-"""Preconditioning in the eigenbasis and the optional norm constraint (docs/algorithms.md, s. 5).
+"""Preconditioning and the optional norm constraint (docs/algorithms.md, section 5).
 
+Two forms of the same P(g): in the eigenbasis (:func:`precondition_layers`, 4 matrix
+products per layer, any D; EKFAC/TEKFAC), and with cached damped inverse factors
+(:func:`precondition_factored`, 2 products; KFAC/TKFAC, whose D is an outer product).
 Both are safe in float32 at any gradient scale: a gradient is scaled by a power of two before
-it is projected, and the KL clip's quadratic is summed with its largest factors taken out,
+it is multiplied, and the KL clip's quadratic is summed with its largest factors taken out,
 so neither overflows unless its true result does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +19,13 @@ import jax.numpy as jnp
 from tekfax.curvature import power_of_two
 
 if TYPE_CHECKING:
+    from tekfax.damping import FactoredDamping
     from tekfax.eigenbasis import Eigenbasis
+
+
+def _unit(grad: jax.Array) -> jax.Array:
+    """m >= 1, a power of two near max|g|: g / m is exact and its products stay finite."""
+    return jnp.maximum(power_of_two(jnp.max(jnp.abs(grad))), 1.0)
 
 
 def _eigen_coordinates(
@@ -27,7 +36,7 @@ def _eigen_coordinates(
     Dividing by m (exact) keeps the projection's sums finite when g is near the float
     maximum; m >= 1 so that neither Y / m nor X / m is larger than Y or X.
     """
-    m = jnp.maximum(power_of_two(jnp.max(jnp.abs(grad))), 1.0)
+    m = _unit(grad)
     y = q_in.T @ (grad / m) @ q_out
     return m, y, y / damped
 
@@ -129,4 +138,142 @@ def precondition_layers(
     xs = {k: x * m for k, (m, _, x) in parts.items()}
     ys = {k: y * m for k, (m, y, _) in parts.items()}
     scale = norm_constraint_scale(xs, ys, norm_constraint, learning_rate)
+    return {k: v * scale.astype(v.dtype) for k, v in pre.items()}
+
+
+class DampedInverses(NamedTuple):
+    """The damped factors' inverses of one layer: P(g) = inp g out (docs/algorithms.md, s. 5).
+
+    ``inp`` = Q_in diag(1 / d_in) Q_in^T, (d_in, d_in); ``out`` = Q_out diag(1 / d_out)
+    Q_out^T, (d_out, d_out), for a factored D = outer(d_in, d_out).
+    """
+
+    inp: jax.Array
+    out: jax.Array
+
+
+def _inverse(q: jax.Array, d: jax.Array) -> jax.Array:
+    # 1 / d at most the float maximum, so a zero d keeps inf out of the cached inverse.
+    return (q * jnp.minimum(1.0 / d, jnp.finfo(d.dtype).max)) @ q.T
+
+
+def damped_inverses(basis: Eigenbasis, pair: FactoredDamping) -> DampedInverses:
+    """Q_in diag(1 / d_in) Q_in^T and Q_out diag(1 / d_out) Q_out^T for D = outer(d_in, d_out).
+
+    Their Kronecker product is the inverse of the damped block (Q_in (x) Q_out) diag(vec D)
+    (Q_in (x) Q_out)^T; computing them costs d_in^3 + d_out^3 (docs/algorithms.md, s. 5).
+
+    Example:
+      >>> from tekfax.damping import FactoredDamping
+      >>> from tekfax.eigenbasis import Eigenbasis
+      >>> from tekfax.precondition import damped_inverses
+      >>> basis = Eigenbasis(jnp.eye(2), jnp.ones(2), jnp.eye(1), jnp.ones(1), None)
+      >>> damped_inverses(basis, FactoredDamping(jnp.array([2.0, 4.0]), jnp.array([0.5])))
+      DampedInverses(inp=Array([[0.5 , 0.  ],
+             [0.  , 0.25]], dtype=float32), out=Array([[2.]], dtype=float32))
+    """
+    return DampedInverses(_inverse(basis.q_in, pair.inp), _inverse(basis.q_out, pair.out))
+
+
+INVERSE_TOLERANCE = 1e-3
+"""Largest eps (kappa_in + kappa_out) at which a layer is preconditioned with its inverse
+factors (docs/algorithms.md, section 5): the step is then within about 0.1% of the exact one
+in the damped block's norm."""
+
+
+def inverses_are_accurate(damped: jax.Array) -> jax.Array:
+    """Whether eps (kappa_in + kappa_out) <= :data:`INVERSE_TOLERANCE` for a factored D.
+
+    kappa_in = max d_in / min d_in, read off D's first column (D = outer(d_in, d_out)), and
+    kappa_out off its first row. An inverse factor rounded to float precision holds each
+    direction's 1 / d to within eps / min d, so Inv_in g Inv_out is within about
+    eps (kappa_in + kappa_out) of P(g) in the damped block's norm (docs/algorithms.md,
+    section 5); the eigenbasis form divides each coordinate by its own D and has no such
+    term. False for a zero or non-finite D.
+
+    Example:
+      >>> from tekfax.precondition import inverses_are_accurate
+      >>> bool(inverses_are_accurate(jnp.outer(jnp.array([1.0, 10.0]), jnp.array([2.0]))))
+      True
+      >>> bool(inverses_are_accurate(jnp.outer(jnp.array([1.0, 1e8]), jnp.array([2.0]))))
+      False
+    """
+    col, row = damped[:, 0], damped[0, :]
+    kappa = jnp.max(col) / jnp.min(col) + jnp.max(row) / jnp.min(row)
+    return jnp.finfo(damped.dtype).eps * kappa <= INVERSE_TOLERANCE
+
+
+def _factored_layer(
+    grad: jax.Array,
+    basis: Eigenbasis,
+    damped: jax.Array,
+    inverses: DampedInverses,
+    accurate: jax.Array,
+    clip: bool,
+) -> tuple[jax.Array, ...]:
+    """(P(g),) with the inverses when ``accurate``, else in the eigenbasis; with ``clip``
+    also Z, sum Z^2 = <P(g), g>: Y / sqrt(D) from the eigenbasis, 0 with the inverses
+    (whose quadratic is sum P(g) * g, from arrays outside the cond: no copies)."""
+
+    def with_inverses():
+        m = _unit(grad)
+        pre = (inverses.inp @ (grad / m) @ inverses.out) * m
+        return (pre, jnp.zeros_like(pre)) if clip else (pre,)
+
+    def in_eigenbasis():
+        m, y, x = _eigen_coordinates(grad, basis.q_in, basis.q_out, damped)
+        pre = (basis.q_in @ x @ basis.q_out.T) * m
+        # |Y / sqrt(D)| = sqrt(|X| |Y|): finite whenever X and Y are.
+        return (pre, (y / jnp.sqrt(damped)) * m) if clip else (pre,)
+
+    return jax.lax.cond(accurate, with_inverses, in_eigenbasis)
+
+
+def precondition_factored(
+    grads: Mapping[str, jax.Array],
+    bases: Mapping[str, Eigenbasis],
+    damped: Mapping[str, jax.Array],
+    inverses: Mapping[str, DampedInverses],
+    norm_constraint: jax.Array | None = None,
+    learning_rate: jax.Array | float = 1.0,
+) -> dict[str, jax.Array]:
+    """P(grad) = Inv_in g Inv_out of every layer, scaled by the KL clip when asked.
+
+    For D = outer(d_in, d_out) and the :func:`damped_inverses` of the same basis, the same
+    result as :func:`precondition_layers` in 2 matrix products per layer instead of 4
+    (docs/algorithms.md, section 5). The gradient is divided by the same power of two m as
+    there (exact), so the products stay finite when g is near the float maximum. A layer
+    whose factors are too ill-conditioned for its float precision
+    (:func:`inverses_are_accurate` is False) is preconditioned in the eigenbasis instead.
+
+    The clip's quadratic of a layer with inverses is <P(g), g> = sum P(g) * g, taken by
+    :func:`norm_constraint_scale` (its absolute value). The eigenbasis form sums Y^2 / D, a
+    sum of non-negative terms, but needs Y = Q_in^T g Q_out, the two products saved here.
+    In float32 the terms of sum P(g) * g have either sign and carry the inverses' rounding,
+    a relative error of up to about eps (kappa_in + kappa_out), which the accuracy check
+    bounds; with ill-conditioned factors it could reach or exceed the sum itself. A layer
+    preconditioned in the eigenbasis adds sum (Y / sqrt(D))^2, non-negative terms.
+
+    Example:
+      >>> from tekfax.eigenbasis import Eigenbasis
+      >>> from tekfax.precondition import DampedInverses, precondition_factored
+      >>> basis = Eigenbasis(jnp.eye(1), jnp.ones(1), jnp.eye(2), jnp.ones(2), None)
+      >>> inv = DampedInverses(jnp.full((1, 1), 0.5), jnp.eye(2))
+      >>> precondition_factored({"Dense_0": jnp.ones((1, 2))}, {"Dense_0": basis},
+      ...                       {"Dense_0": jnp.full((1, 2), 2.0)}, {"Dense_0": inv},
+      ...                       norm_constraint=0.25)
+      {'Dense_0': Array([[0.25, 0.25]], dtype=float32)}
+    """
+    clip = norm_constraint is not None
+    accurate = {k: inverses_are_accurate(d) for k, d in damped.items()}
+    parts = {
+        k: _factored_layer(g, bases[k], damped[k], inverses[k], accurate[k], clip)
+        for k, g in grads.items()
+    }
+    pre = {k: p[0] for k, p in parts.items()}
+    if not clip:
+        return pre
+    us = {k: jnp.where(accurate[k], pre[k], z) for k, (_, z) in parts.items()}
+    vs = {k: jnp.where(accurate[k], grads[k], z) for k, (_, z) in parts.items()}
+    scale = norm_constraint_scale(us, vs, norm_constraint, learning_rate)
     return {k: v * scale.astype(v.dtype) for k, v in pre.items()}

@@ -38,6 +38,7 @@ RECORD_KEYS = {
     "skipped_steps",
 }
 TEKFAC = ["--lr", "tekfac=0.03", "--damping", "0.3"]
+CNN = ["--model", "cnn"]  # the tool's default model is the auto-encoder
 README = pathlib.Path(__file__).parent.parent / "README.md"
 WARNING = re.compile(r"^tekfax-compare: (warning: .*)$", re.M)
 
@@ -51,7 +52,7 @@ def _compare(out: pathlib.Path, *flags: str) -> dict:
 def two_seeds(tmp_path_factory):
     """sgdm and tekfac, 2 epochs, 2 seeds, on digits + cnn."""
     out = tmp_path_factory.mktemp("compare") / "two_seeds"
-    flags = ["--optimizers", "sgdm", "tekfac", "--epochs", "2", "--seeds", "2", *TEKFAC]
+    flags = [*CNN, "--optimizers", "sgdm", "tekfac", "--epochs", "2", "--seeds", "2", *TEKFAC]
     return out, _compare(out, *flags, "--target-accuracy", "50")
 
 
@@ -141,7 +142,7 @@ def test_csv_table_and_plots(two_seeds, capsys):
 def test_resume_is_bit_for_bit(two_seeds, tmp_path, capsys):
     reference, _ = two_seeds
     out = tmp_path / "resumed"
-    flags = ["--optimizers", "tekfac", "--seeds", "2", *TEKFAC]
+    flags = [*CNN, "--optimizers", "tekfac", "--seeds", "2", *TEKFAC]
     first = _compare(out, *flags, "--epochs", "1")
     assert [len(r["records"]) for r in first["runs"]] == [1, 1]
     resumed = _compare(out, *flags, "--epochs", "2", "--resume")
@@ -206,7 +207,7 @@ def _leaves(tree):
 
 
 def test_grid_search_writes_results_and_uses_the_selection(tmp_path):
-    flags = ["--optimizers", "sgdm", "tekfac", "--epochs", "1", "--grid", *TEKFAC]
+    flags = [*CNN, "--optimizers", "sgdm", "tekfac", "--epochs", "1", "--grid", *TEKFAC]
     flags += ["--grid-lr", "0.01,0.1", "tekfac=0.01,0.03", "--grid-damping", "0.3"]
     results = _compare(tmp_path / "grid", *flags)
     grid = results["grid"]
@@ -226,6 +227,17 @@ def test_grid_search_writes_results_and_uses_the_selection(tmp_path):
         assert results["config"]["selected_hyperparameters"][name] == selected
         final = [r for r in results["runs"] if r["optimizer"] == name]
         assert len(final) == 1 and final[0]["hyperparameters"] == selected
+
+
+def test_default_task_is_the_autoencoder_timed_to_adams_final_loss(tmp_path):
+    """With no --target-loss, the loss target is Adam's final test loss (its own epochs)."""
+    assert build_parser().parse_args([]).model == "autoencoder"
+    results = _compare(tmp_path / "ae", "--optimizers", "sgdm", "adam", "--epochs", "2")
+    adam = next(run for run in results["runs"] if run["optimizer"] == "adam")
+    target = adam["records"][-1]["test_loss"]
+    assert results["summary"]["adam"]["target"] == target
+    assert results["summary"]["adam"]["epochs_to_target"] <= 2
+    assert f"| epochs to loss {target:.4f} |" in results["table"]
 
 
 def test_mlp_runs_with_progress_lines(tmp_path, capsys):

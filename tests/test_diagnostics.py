@@ -20,6 +20,7 @@ from tekfax.diagnostics import (
     approximation_errors,
     exact_fisher_blocks,
 )
+from tekfax.losses import sample_targets
 from tests import _formulas as fm
 from tests import reference
 
@@ -104,8 +105,9 @@ def test_exact_empirical_blocks_match_per_example_reference(model_key, loss):
 def test_exact_sampled_blocks_use_the_capture_labels():
     """fisher="sampled" with rng: the same labels as loss_and_curvature, so the same F.
 
-    Checked twice: against the reference with labels drawn as documented (categorical
-    on the logits with the keys jax.random.split(rng, num_samples)), and against the brute
+    Checked twice: against the reference with labels drawn as documented
+    (tekfax.losses.sample_targets with the keys jax.random.split(rng, num_samples)), and
+    against the brute
     force F = E_n[g_n g_n^T], g_n = sum_t a_t (x) u_t, from the captured statistics.
     """
     model_key, num_samples = "zoo", 2
@@ -116,7 +118,7 @@ def test_exact_sampled_blocks_use_the_capture_labels():
     logits = logits_fn(params)
     want = None
     for key in jax.random.split(rng, num_samples):
-        labels = jax.random.categorical(key, logits, axis=-1)
+        labels = sample_targets("softmax_cross_entropy", key, logits)
         blocks = _reference_blocks(model_key, labels)
         want = blocks if want is None else {k: want[k] + v for k, v in blocks.items()}
     out = fm.capture_fn(model_key, "sampled", num_samples)(params, x, y, rng)
@@ -189,7 +191,7 @@ def test_sampled_blocks_average_the_label_draws():
     got = _exact_blocks(model_key, y, fisher="sampled", rng=rng, num_samples=num_samples)
     logits = logits_fn(params)
     keys = jax.random.split(rng, num_samples)
-    labels = np.stack([jax.random.categorical(k, logits, axis=-1) for k in keys])
+    labels = np.stack([sample_targets("softmax_cross_entropy", k, logits) for k in keys])
     r = np.asarray(jax.nn.softmax(logits, -1), np.float64)[None] - np.eye(3)[labels]
     for name, j in _per_example_jacobians(model_key).items():
         g = np.einsum("ncp,knc->knp", j, r)

@@ -12,6 +12,7 @@ import pytest
 
 import tekfax
 from tekfax.experiments import models
+from tests.conftest import jit
 
 DIGITS = (8, 8, 1)
 CIFAR = (32, 32, 3)
@@ -159,7 +160,7 @@ def test_init_variables_are_real_arrays():
 
 
 def make_step(model, loss, opt):
-    @jax.jit
+    @jit  # XLA backend optimisation off (tests/conftest.py): the big models compile faster
     def step(variables, opt_state, x, targets, rng):
         params = variables["params"]
         rest = {k: v for k, v in variables.items() if k != "params"}

@@ -146,8 +146,12 @@ def test_guard_changes_nothing_on_finite_runs(name):
         chex.assert_trees_all_close(state.inner_state, bare_state, rtol=1e-5, atol=1e-6)
 
 
-def test_non_finite_stats_alone_are_skipped():
-    """Finite gradients with a NaN statistic: the step is skipped (the stats are checked)."""
+def test_non_finite_stats_alone_are_left_out_of_the_curvature():
+    """Finite gradients with an Inf statistic: the step is applied with the old curvature.
+
+    The guard does not re-read the statistics; the preconditioner's stages reject them, so
+    the factors and their weight stay those of the first step, and the step is taken.
+    """
     opt = tekfax.skip_non_finite(tekfax.scale_by_kfac(damping=1e-2, **INTERVALS))
     params = _params()
     x, y, rng = _batch(0)
@@ -155,11 +159,15 @@ def test_non_finite_stats_alone_are_skipped():
     leaf = out.stats["Dense_0"]
     leaf = leaf.replace(out_grads=leaf.out_grads.at[0, 0, 0].set(jnp.inf))
     poisoned = {**out.stats, "Dense_0": leaf}
-    state = opt.init(params)
-    updates, new = jax.jit(opt.update)(out.grads, state, params, stats=poisoned)
-    assert int(new.skipped) == 1
-    chex.assert_trees_all_equal(new.inner_state, state.inner_state)
-    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, out.grads))
+    update = jax.jit(opt.update)
+    _, first = update(out.grads, opt.init(params), params, stats=out.stats)
+    updates, new = update(out.grads, first, params, stats=poisoned)
+    assert int(new.skipped) == 0
+    for name, layer in new.inner_state.layers.items():
+        chex.assert_trees_all_equal(layer.factors, first.inner_state.layers[name].factors)
+    assert float(new.inner_state.ema_weight) == float(first.inner_state.ema_weight)
+    chex.assert_tree_all_finite(updates)
+    assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
 
 
 def test_non_finite_inner_result_is_skipped_and_counted_consecutively():
@@ -178,6 +186,26 @@ def test_non_finite_inner_result_is_skipped_and_counted_consecutively():
     ]
     assert int(tekfax.skipped_steps(state)) == 3
     assert int(state.inner_state.count) == 2  # the inner count never moved past the NaN
+
+
+def test_finite_gradients_with_a_non_finite_result_keep_the_kronecker_state():
+    """The Kronecker state guards itself: it keeps the finite batch; the rest is reverted."""
+    nan_after_first = optax.scale_by_schedule(lambda count: jnp.where(count >= 1, jnp.nan, 1.0))
+    inner = optax.chain(tekfax.scale_by_kfac(damping=1e-2, **INTERVALS), optax.trace(0.9))
+    opt = tekfax.skip_non_finite(optax.chain(inner, nan_after_first))
+    params = _params()
+    x, y, rng = _batch(0)
+    out = tekfax.loss_and_curvature(lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng)
+    update = jax.jit(opt.update)
+    _, first = update(out.grads, opt.init(params), params, stats=out.stats)
+    updates, second = update(out.grads, first, params, stats=out.stats)
+    assert (int(second.skipped), bool(second.last_finite)) == (1, False)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, out.grads))
+    (kron_1, trace_1), schedule_1 = first.inner_state
+    (kron_2, trace_2), schedule_2 = second.inner_state
+    assert (int(kron_1.count), int(kron_2.count)) == (1, 2)  # the Kronecker state moved on
+    chex.assert_tree_all_finite(kron_2)
+    chex.assert_trees_all_equal((trace_2, schedule_2), (trace_1, schedule_1))  # reverted
 
 
 def test_compiles_once_composes_in_chain_and_inject_hyperparams():

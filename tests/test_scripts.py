@@ -1,9 +1,19 @@
-"""The README's main job runs and learns; the code base is ruff-clean."""
+"""The README's main job runs and learns; the benchmark script runs; the code base is ruff-clean."""
 
+import functools
+import importlib.util
+import inspect
+import json
 import pathlib
 import re
 import subprocess
 import sys
+
+import jax
+import numpy as np
+import pytest
+
+import tekfax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,3 +42,94 @@ def test_ruff_clean():
     paths = [str(ROOT / p) for p in ("tekfax", "tests", "scripts")]
     subprocess.run([sys.executable, "-m", "ruff", "check", *paths], check=True)
     subprocess.run([sys.executable, "-m", "ruff", "format", "--check", *paths], check=True)
+
+
+# --- scripts/bench.py ----------------------------------------------------------------------
+
+MIB = 2.0**20
+
+
+@functools.cache
+def _bench():
+    """scripts/bench.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("tekfax_bench", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dense_layers(params) -> list[tuple[int, int]]:
+    """(d_in with the bias row, d_out) of every Dense kernel, from the parameter shapes."""
+    kernels = [v["kernel"].shape for v in params.values()]
+    return [(fan_in + 1, fan_out) for fan_in, fan_out in kernels]
+
+
+def test_bench_smoke_table_floor_and_memory(tmp_path):
+    """One tiny run of the CLI: the table prints, and the JSON's floor and state sizes equal
+    the formulas of the script's docstring written out for the MLP's layer shapes."""
+    batch, out = 16, tmp_path / "bench.json"
+    args = ["--models", "mlp", "--batch-sizes", str(batch), "--optimizers", "kfac"]
+    args += ["--intervals", "default", "--window", "1", "--warmup", "0", "--matmul-size", "256"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    rows = re.findall(r"^\| (sgdm|kfac \(default\)) \|(?: [\d.]+x? \|){10}$", result.stdout, re.M)
+    assert rows == ["sgdm", "kfac (default)"]
+    assert "Floor per step by stage" in result.stdout and "Memory (MiB" in result.stdout
+    steps = json.loads(out.read_text())["runs"][0]["steps"]
+    sgd, kfac = steps["rows"]
+    layers = _dense_layers(_bench().setup("mlp", batch).variables["params"])
+    every = {k: inspect.signature(tekfax.kfac).parameters[k].default for k in _bench().DEFAULTS}
+    cubes = sum(i**3 + o**3 for i, o in layers)
+    expected = {
+        "precondition": sum(2 * i * o * (i + o) for i, o in layers),  # cached inverses: 2 products
+        "sampled backward": sum(2 * batch * i * o for i, o in layers) / every["curvature_every"],
+        "factors": sum(2 * batch * (i * i + o * o) for i, o in layers) / every["curvature_every"],
+        "eigh": 9 * cubes / every["eigen_every"],
+        "inverses": 2 * cubes / every["eigen_every"],
+    }
+    floor = kfac["floor_flops"]
+    for key, value in expected.items():
+        assert floor[key] == pytest.approx(value, rel=1e-12), key
+    # XLA's count of the SGD step: the products (3 per layer, less the first layer's input
+    # gradient, which is never formed) plus elementwise work, a few percent.
+    products = (
+        sum(6 * batch * i * o for i, o in layers) - 2 * batch * (layers[0][0] - 1) * layers[0][1]
+    )
+    assert 0.9 * products <= floor["forward + backward"] <= 1.2 * products
+    assert sgd["floor_flops"] == {"forward + backward": floor["forward + backward"]}
+    squares = sum(i * i + o * o for i, o in layers) * 4 / MIB
+    assert kfac["state_mib"]["factor"] == pytest.approx(squares)
+    assert kfac["state_mib"]["q"] == pytest.approx(squares)
+    for row in (sgd, kfac):
+        m = row["memory"]
+        assert m["peak"] == m["argument"] + m["output"] + m["temp"] - m["alias"] > 0
+    assert kfac["memory_ratio"] == pytest.approx(kfac["memory"]["peak"] / sgd["memory"]["peak"])
+    inputs = batch * sum(i - 1 for i, _ in layers) * 4 / MIB
+    assert steps["statistics_mib"]["layer inputs"][0] == pytest.approx(inputs)
+
+
+def test_bench_autoencoder_uses_the_models_loss():
+    """The auto-encoder's batch is its own target and both steps' losses are the sigmoid
+    binary cross-entropy summed over the outputs, against numpy."""
+    bench = _bench()
+    b = bench.setup("autoencoder", 4)
+    x = np.asarray(b.x, np.float64)
+    assert b.loss == "sigmoid_binary_cross_entropy" and 0.0 <= x.min() and x.max() <= 1.0
+    np.testing.assert_array_equal(np.asarray(b.y), np.asarray(b.x).reshape(4, -1))
+    params = b.variables["params"]
+    f = np.asarray(b.model.apply({"params": params}, b.x), np.float64)
+    y = x.reshape(4, -1)
+    expected = np.mean(np.sum(np.maximum(f, 0) - f * y + np.log1p(np.exp(-np.abs(f))), axis=1))
+    entry = bench.optimizers(None, ["default"])["sgdm"]
+    copy = bench._copy(params)
+    sgd_loss = bench.make_step(b, entry)(copy, {}, entry.opt.init(params), b.x, b.y, None)[-1]
+    kronecker_loss = jax.jit(lambda p: bench._capture(b, p, {}, jax.random.key(0), False).loss)
+    np.testing.assert_allclose(float(sgd_loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(kronecker_loss(params)), expected, rtol=1e-5)
+    dims = bench.layer_dims(bench.stats_shapes(b))
+    assert [(d.d_in, d.d_out) for d in dims.values()] == _dense_layers(params)

@@ -290,11 +290,14 @@ def test_layer_state_gives_named_views_and_keeps_its_flat_layout():
         "rescale",
         "damped",
         "peak_mean",
+        "inv_in",
+        "inv_out",
     )
     assert layer.factors == Factors(layer.factor_in, layer.factor_out)
     assert layer.basis == Eigenbasis(
         layer.q_in, layer.eig_in, layer.q_out, layer.eig_out, layer.delta
     )
+    assert layer.inverses is None  # eigen-corrected: preconditioned in the eigenbasis
 
 
 def test_state_lookups_find_the_outermost_state_or_name_the_fix():
