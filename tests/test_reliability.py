@@ -1,4 +1,5 @@
-"""Reliability: low precision, state round-trips, input validation and the robustness grid."""
+"""Reliability: low precision, state round-trips and input validation (the robustness panel:
+tests/test_robustness.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import optax
 import pytest
 
 import tekfax
-from tekfax.experiments import checkpoint, robustness
+from tekfax.experiments import checkpoint
 from tests.conftest import CASES, PRESETS, make_optimizer
 from tests.conftest import INTERVALS as SHARED_INTERVALS
 from tests.models import MLP, ConvNet
@@ -286,35 +287,3 @@ def test_update_validates_state_stats_and_gradients():
     wider = MLP(features=(CLASSES + 1,)).init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
     _raises(ValueError, "Dense_0.*gradient", opt.update, wider, state, params, stats=out.stats)
     _raises(ValueError, "params", opt.init, {"scale": jnp.ones(3)})
-
-
-# --- long-run stability (the CI version of scripts/robustness.py) --------------------------
-
-
-def test_stability_grid_code_path_short_run():
-    """The robustness panel's code path for one epoch (11 steps) on a slice of the grids.
-
-    Every cell runs the library preset at lr 0.03; the table reports each grid's share of
-    diverged cells and its best cell.
-    """
-    config = robustness.PanelConfig(
-        ["digits-mlp"],
-        ["kfac", "tkfac-new"],
-        steps=11,
-        lrs=[0.03],
-        values={"damping": [1e-8, 3e-1], "nu": [100.0]},
-        evals=1,
-    )
-    runs, rows = robustness.run_panel(config, report=lambda line: None)
-    assert [(r.optimizer, r.cells.value.tolist()) for r in runs] == [
-        ("kfac", [1e-8, 3e-1]),
-        ("tkfac-new", [100.0]),
-    ]
-    chance = np.log(10.0)
-    for run, i in ((runs[0], 1), (runs[1], 0)):
-        assert not run.result.diverged[i], run
-        assert run.result.train_loss[i, -1] < chance, run
-        assert 0.0 <= run.result.metric[i, -1] <= 100.0, run
-    table = robustness.format_table(rows, {"digits-mlp": True})
-    assert "| optimizer | cells | diverged | near-best | near Adam's best | best (cell) |" in table
-    assert "| KFAC | 2 | " in table and "| TKFAC-new | 1 | 0% | 100% | " in table

@@ -18,6 +18,7 @@ import tekfax
 from tekfax import curvature, patches, rescale
 from tekfax.diagnostics import exact_fisher_blocks
 from tests import _formulas as fm
+from tests.conftest import jit
 
 f64 = pytest.mark.usefixtures("x64")
 RTOL = 1e-10
@@ -247,8 +248,10 @@ def test_streamed_statistics_equal_whole_batch(monkeypatch, n, budget):
         monkeypatch.setattr(patches, "CHUNK_ELEMENTS", budget)
         assert patches.chunking(n, 1) == {1: (1, 1, 4), 4: (1, 4, 2), 60: (1, 4, 1)}[budget]
         for key, fn in functions.items():
-            got = patches.sum_over_examples(
-                fn, st.inputs, st.out_grads, st.meta, jnp.float64, per_example=1
-            )
+            got = jit(  # one compiled program, not the scan's operations one by one
+                lambda x, g, fn=fn, meta=st.meta: patches.sum_over_examples(
+                    fn, x, g, meta, jnp.float64, per_example=1
+                )
+            )(st.inputs, st.out_grads)
             chex.assert_trees_all_close(got, whole[key], rtol=1e-12, atol=1e-12)
         monkeypatch.undo()

@@ -28,10 +28,16 @@ OPTIMIZERS = PRESETS
 RTOL, ATOL = 2e-5, 1e-6
 
 
-def _env(**extra: str) -> dict[str, str]:
+# The workers compile a dozen programs each: the fast-compiling settings of tests/conftest.py.
+FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+
+
+def _env(xla_flags: str = "") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     # The repository root, so that the workers import the helpers as ``tests.<module>``.
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(TESTS.parent), **extra)
+    env.update(
+        JAX_PLATFORMS="cpu", PYTHONPATH=str(TESTS.parent), XLA_FLAGS=f"{FAST_COMPILE} {xla_flags}"
+    )
     return env
 
 
@@ -65,7 +71,7 @@ def two_processes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, two_processes):
     path = tmp_path_factory.mktemp("sharding") / "runs.npz"
-    env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
+    env = _env(f"--xla_force_host_platform_device_count={DEVICES}")
     subprocess.run(
         [sys.executable, str(TESTS / "_sharded_worker.py"), str(path)],
         env=env,

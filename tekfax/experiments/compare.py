@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -448,6 +449,31 @@ def single_threaded_lapack() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
+FAST_CPU_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def fast_cpu_compilation() -> None:
+    """Adds ``--xla_cpu_use_fusion_emitters=false`` to ``XLA_FLAGS`` unless it is set there.
+
+    XLA:CPU's newer fusion emitters compile a Kronecker training step's several hundred
+    fusions one by one, slowly. Measured on the 2-core CPU, the tool's default job (digits
+    auto-encoder, 8 optimizers, 20 epochs): 91 s -> 63 s in all, the same losses bit for bit,
+    and a KFAC epoch 0.028 -> 0.021 s. It takes effect only before JAX starts its CPU
+    backend, so :func:`main` calls it first; like :func:`single_threaded_lapack` it is the
+    tool's choice for its own process, and the library never sets it.
+
+    Example:
+      >>> import os
+      >>> from tekfax.experiments.compare import fast_cpu_compilation
+      >>> fast_cpu_compilation()
+      >>> "--xla_cpu_use_fusion_emitters=false" in os.environ["XLA_FLAGS"]
+      True
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_use_fusion_emitters" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_CPU_FLAG}".strip()
+
+
 def _resolve_hyperparameters(args, names: list[str], parser) -> dict[str, dict[str, Any]]:
     """Each optimizer's hyperparameters; bad values and grid flags are usage errors."""
     overrides = {flag: getattr(args, flag.replace("-", "_")) for flag in optimizers.FLAGS}
@@ -531,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns the exit status: 0, or 2 when the dataset cannot be loaded or a checkpoint
     cannot be resumed (usage errors exit through argparse with status 2).
     """
+    fast_cpu_compilation()
     single_threaded_lapack()
     parser = build_parser()
     args = parser.parse_args(argv)
