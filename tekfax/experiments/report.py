@@ -110,9 +110,9 @@ def run_warning(entry: Mapping, label: str | None = None) -> str | None:
       >>> run = {"optimizer": "kfac", "seed": 0, "epochs": 20, "steps": 22, "skipped_steps": 3,
       ...        "diverged": True, "initial_loss": 2.3, "records": [{}, {"train_loss": 357.0}]}
       >>> print(run_warning(run))
-      warning: kfac seed 0 skipped 3 of 22 steps (non-finite gradient, statistics or update;
-      not applied) and diverged at epoch 2 of 20 (training loss 357 > 10 x its initial loss
-      2.3); training stopped there
+      warning: kfac seed 0 skipped 3 of 22 steps (non-finite gradient or update; not applied)
+      and diverged at epoch 2 of 20 (training loss 357 > 10 x its initial loss 2.3); training
+      stopped there
       >>> run_warning({**run, "skipped_steps": 0, "diverged": False}) is None
       True
     """
@@ -121,7 +121,7 @@ def run_warning(entry: Mapping, label: str | None = None) -> str | None:
     if skipped:
         problems.append(
             f"skipped {skipped} of {entry.get('steps', '?')} steps "
-            "(non-finite gradient, statistics or update; not applied)"
+            "(non-finite gradient or update; not applied)"
         )
     if entry.get("diverged"):
         records = entry["records"]
