@@ -25,15 +25,9 @@ from importlib.metadata import version
 # than the classic ones, for the same arithmetic. Set before jax creates its CPU backend;
 # subprocesses started by the tests inherit it. XLA rejects flags it does not know, so the
 # flag is only set for the jaxlib releases it was measured on (0.9 and 0.10).
-# XLA's backend optimisation (LLVM passes) is turned off too, as `jit` below does: the suite
-# is compile-bound, and this also reaches the programs the tools under test jit themselves.
 if version("jaxlib").split(".")[:2] in (["0", "9"], ["0", "10"]):
     os.environ["XLA_FLAGS"] = " ".join(
-        [
-            os.environ.get("XLA_FLAGS", ""),
-            "--xla_cpu_use_fusion_emitters=false",
-            "--xla_backend_optimization_level=0",
-        ]
+        [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false"]
     ).strip()
 
 import hypothesis  # noqa: E402
