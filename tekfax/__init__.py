@@ -2,7 +2,9 @@
 
 The pipeline, one module per stage (sections of docs/algorithms.md in brackets):
 
-* :mod:`tekfax.tagging`: the Flax interceptor that finds Dense and Conv layers;
+* :mod:`tekfax.modules`: the supported Linen and NNX modules, each as one layer matrix
+  (sections 1 and 10);
+* :mod:`tekfax.tagging`: finds the supported layers a model calls and taps them;
 * :mod:`tekfax.capture`: :func:`loss_and_curvature`, the loss, gradients and per-layer
   statistics of one batch from one forward pass (section 1);
 * :mod:`tekfax.patches`: the layer matrices a and u, im2col, kernel layout (section 1);
@@ -15,6 +17,7 @@ The pipeline, one module per stage (sections of docs/algorithms.md in brackets):
 Wiring and the rest:
 
 * :mod:`tekfax.kronecker`: :func:`scale_by_kronecker`, the stages as one optax transformation;
+* :mod:`tekfax.layers`: the kernel/bias pairs of a params tree (Linen dicts, NNX states);
 * :mod:`tekfax.hyperparams`: the keyword arguments it shares with every preset, defined once;
 * :mod:`tekfax.alias`: the presets KFAC, EKFAC, TKFAC and TEKFAC;
 * :mod:`tekfax.eadam`: the EAdam optimizer (section 6);
@@ -41,7 +44,7 @@ from tekfax.alias import (
     tekfac,
     tkfac,
 )
-from tekfax.capture import CurvatureOutput, LayerStats, loss_and_curvature
+from tekfax.capture import CurvatureOutput, LayerStats, layer_dims, loss_and_curvature
 from tekfax.eadam import ScaleByEAdamState, eadam, scale_by_eadam
 from tekfax.guard import SkipNonFiniteState, skip_non_finite, skipped_steps
 from tekfax.kronecker import (
@@ -70,6 +73,7 @@ __all__ = [
     "eadam",
     "ekfac",
     "kfac",
+    "layer_dims",
     "loss_and_curvature",
     "scale_by_eadam",
     "scale_by_ekfac",

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from tekfax.kronecker import ScaleByKroneckerState, find_kronecker_state, find_layers
+from tekfax.kronecker import ScaleByKroneckerState, find_kronecker_state
+from tekfax.layers import find_layers, leaf_paths
 from tekfax.patches import grad_matrix
 from tekfax.states import find_outermost
 from tekfax.validation import check_interval, check_number
@@ -58,24 +59,15 @@ class AdaptiveDampingState(NamedTuple):
     rho: jax.Array
 
 
-def _path_name(path: tuple) -> str | None:
-    """``a/b/c`` for a path of dict keys (as :func:`find_layers` names layers), else None."""
-    if not all(isinstance(key, jax.tree_util.DictKey) for key in path):
-        return None
-    return "/".join(str(key.key) for key in path)
-
-
 def _untagged_pairs(grads: Any, delta: Any, layers: Mapping[str, Any]) -> list:
     """(g, delta) leaf pairs that are not the kernel or bias of a layer in ``layers``."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(delta)
+    paths, delta_leaves, treedef = leaf_paths(delta)
     grad_leaves = treedef.flatten_up_to(grads)
-    pairs = []
-    for (path, d), g in zip(leaves, grad_leaves, strict=True):
-        parent = _path_name(path[:-1])
-        last = _path_name(path[-1:])
-        if parent is None or parent not in layers or last not in ("kernel", "bias"):
-            pairs.append((g, d))
-    return pairs
+    return [
+        (g, d)
+        for path, d, g in zip(paths, delta_leaves, grad_leaves, strict=True)
+        if not path or "/".join(path[:-1]) not in layers or path[-1] not in ("kernel", "bias")
+    ]
 
 
 def quadratic_model(grads: Any, delta: Any, kron_state: Any) -> jax.Array:
@@ -106,7 +98,7 @@ def quadratic_model(grads: Any, delta: Any, kron_state: Any) -> jax.Array:
       True
     """
     state = find_kronecker_state(kron_state)
-    delta_layers, grad_layers = dict(find_layers(delta)), dict(find_layers(grads))
+    delta_layers, grad_layers = find_layers(delta), find_layers(grads)
     total = jnp.zeros([], jnp.float32)
     for name, layer in state.layers.items():
         if name not in delta_layers or name not in grad_layers:
@@ -115,7 +107,9 @@ def quadratic_model(grads: Any, delta: Any, kron_state: Any) -> jax.Array:
                 "from grads or delta; pass trees shaped like the params opt.init saw."
             )
         dtype = layer.damped.dtype
-        d, g = grad_matrix(delta_layers[name], dtype), grad_matrix(grad_layers[name], dtype)
+        d_out = layer.factor_out.shape[0]
+        d = grad_matrix(delta_layers[name], dtype, d_out)
+        g = grad_matrix(grad_layers[name], dtype, d_out)
         projected = layer.q_in.T @ d @ layer.q_out
         total = total + jnp.vdot(g, d) + 0.5 * jnp.sum(layer.damped * jnp.square(projected))
     for g, d in _untagged_pairs(grads, delta, state.layers):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -20,12 +21,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from tekfax import losses
+from tekfax.layers import leaf_paths
 from tekfax.tagging import LayerMeta, stat_dtype, tag_layers
 
 FISHER_MODES = ("sampled", "empirical")
+_LOG = logging.getLogger("tekfax")
 
 
 @flax.struct.dataclass
@@ -118,36 +121,48 @@ def _split_output(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
     return out
 
 
+def _segment(name: str) -> str | int:
+    return int(name) if name.isdecimal() else name
+
+
 def nest_by_name(flat: Mapping[str, Any]) -> Any:
     """{"Block_0/Conv_0": x} -> {"Block_0": {"Conv_0": x}}; the root layer ("") maps to x.
 
-    ``flax.traverse_util.unflatten_dict`` with ``sep="/"``, plus tekfax's convention for a
-    model that is a single layer: its name is ``""`` and its entry is not nested.
+    Segments that are decimal numbers become integers, as the indices of an ``nnx.List``
+    are in an ``nnx.State``, so the result mirrors the params tree; a model that is a
+    single layer has the name ``""`` and its entry is not nested.
 
     Example:
-      >>> tekfax.capture.nest_by_name({"Block_0/Conv_0": 1, "Dense_0": 2})
-      {'Block_0': {'Conv_0': 1}, 'Dense_0': 2}
+      >>> tekfax.capture.nest_by_name({"Block_0/Conv_0": 1, "Dense_0": 2, "layers/0": 3})
+      {'Block_0': {'Conv_0': 1}, 'Dense_0': 2, 'layers': {0: 3}}
       >>> tekfax.capture.nest_by_name({"": 1})
       1
     """
     if "" in flat:
         return flat[""]
-    return traverse_util.unflatten_dict(dict(flat), sep="/")
+    return traverse_util.unflatten_dict(
+        {tuple(_segment(k) for k in name.split("/")): v for name, v in flat.items()}
+    )
 
 
 def flatten_by_name(tree: Any) -> dict[str, Any]:
     """Inverse of :func:`nest_by_name`: {"Block_0": {"Conv_0": x}} -> {"Block_0/Conv_0": x}.
 
-    ``flax.traverse_util.flatten_dict`` with ``sep="/"``; anything but a dict is the root
-    layer's entry, ``{"": tree}``.
+    Descends every mapping (dicts, ``nnx.State``); anything else is an entry, an NNX
+    Variable by its value. A tree that is not a mapping is the root layer's entry,
+    ``{"": tree}``.
 
     Example:
-      >>> tekfax.capture.flatten_by_name({"Block_0": {"Conv_0": 1}, "Dense_0": 2})
-      {'Block_0/Conv_0': 1, 'Dense_0': 2}
+      >>> tekfax.capture.flatten_by_name({"Block_0": {"Conv_0": 1}, "layers": {0: 2}})
+      {'Block_0/Conv_0': 1, 'layers/0': 2}
     """
     if not isinstance(tree, Mapping):
         return {"": tree}
-    return traverse_util.flatten_dict(tree, sep="/")
+    paths, leaves, _ = leaf_paths(tree, is_leaf=lambda x: not isinstance(x, Mapping))
+    return {
+        "/".join(path): leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        for path, leaf in zip(paths, leaves, strict=True)
+    }
 
 
 def iter_layer_stats(stats: Any) -> Iterator[tuple[str, LayerStats]]:
@@ -238,14 +253,71 @@ def discover_layers(logits_fn: Callable, params: Any, has_aux: bool = False) -> 
       >>> found["Dense_0"].meta.kind, found["Dense_0"].outputs.shape
       ('dense', (8, 16))
     """
-    with tag_layers() as found:
-        jax.eval_shape(lambda p: _split_output(logits_fn(p), has_aux)[0], params)
+    found = {}
+
+    def trace(p):
+        with tag_layers(params=p) as layers:
+            logits = _split_output(logits_fn(p), has_aux)[0]
+        found.update(layers)
+        return logits
+
+    jax.eval_shape(trace, params)
     if not found:
         raise ValueError(
-            "tekfax: logits_fn called no flax.linen.Dense or flax.linen.Conv layer, so there is "
-            "no curvature to capture. Build the model from nn.Dense / nn.Conv modules."
+            "tekfax: logits_fn called no supported layer (Linen nn.Dense, nn.Conv, "
+            "nn.DenseGeneral, nn.Einsum; NNX nnx.Linear, nnx.Conv, nnx.LinearGeneral, "
+            "nnx.Einsum), so there is no curvature to capture."
         )
-    return dict(found)
+    return found
+
+
+def layer_dims(logits_fn: Callable, params: Any, *, has_aux: bool = False) -> dict:
+    """(d_in, d_out) of every tagged layer, by name, from a trace of ``logits_fn``.
+
+    For the optimizers' ``layer_dims=``: the kernel and bias shapes alone cannot tell a
+    bias-free kernel's input axes from its output axes (docs/algorithms.md, section 10).
+
+    Example:
+      >>> tekfax.layer_dims(logits_fn, params)
+      {'Dense_0': (5, 16), 'Dense_1': (17, 3)}
+    """
+    found = discover_layers(logits_fn, params, has_aux)
+    return {name: (d.meta.d_in, d.meta.d_out) for name, d in found.items()}
+
+
+def untagged_params(found: Mapping, params: Any) -> list[str]:
+    """Paths of the params that are not the kernel or bias of a layer in ``found``.
+
+    They pass through every tekfax optimizer unpreconditioned (plain momentum SGD).
+
+    Example:
+      >>> found = tekfax.capture.discover_layers(logits_fn, params)
+      >>> tekfax.capture.untagged_params(found, {**params, "LayerNorm_0": {"scale": x}})
+      ['LayerNorm_0/scale']
+    """
+    paths = leaf_paths(params)[0]
+    return [
+        "/".join(path)
+        for path in paths
+        if not (path and path[-1] in ("kernel", "bias") and "/".join(path[:-1]) in found)
+    ]
+
+
+_REPORTED: set[tuple[str, ...]] = set()
+
+
+def report_untagged(found: Mapping, params: Any) -> None:
+    """Logs (once per list, at trace time) the params that pass through unpreconditioned."""
+    untagged = tuple(untagged_params(found, params))
+    if not untagged or untagged in _REPORTED:
+        return
+    _REPORTED.add(untagged)
+    _LOG.warning(
+        "tekfax: %d parameter array(s) are in no supported layer and pass through "
+        "unpreconditioned: %s. tekfax.diagnostics.unpreconditioned lists them.",
+        len(untagged),
+        ", ".join(untagged),
+    )
 
 
 def forward_pass(
@@ -280,7 +352,7 @@ def forward_pass(
     }
 
     def tapped(p, probes):
-        with tag_layers(probes):
+        with tag_layers(probes, params=p):
             return _split_output(logits_fn(p), has_aux)
 
     logits, vjp_fn, aux = jax.vjp(tapped, params, probes, has_aux=True)
@@ -468,6 +540,7 @@ def loss_and_curvature(
     check_capture_args(loss, fisher, rng, num_samples, logits_fn)
     _check_flags(has_aux, compute_stats)
     found = discover_layers(logits_fn, params, has_aux)
+    report_untagged(found, params)
     fwd = forward_pass(logits_fn, params, targets, found, loss=loss, has_aux=has_aux)
     out_grads = output_gradients(
         fwd,

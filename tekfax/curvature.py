@@ -2,7 +2,9 @@
 
 docs/algorithms.md, section 2 (one batch) and section 3 (bias-corrected moving averages).
 Inputs are the layer matrices of :mod:`tekfax.patches`: a with shape (N, T, d_in) and u with shape
-(num_samples, N, T, d_out); expectations over label samples are averaged.
+(num_samples, N, T, d_out); expectations over label samples are averaged. Layers with T > 1
+positions take their factors from the positions as extra examples (KFAC-expand) or from the
+per-example position mean of a and sum of u (KFAC-reduce; docs/algorithms.md, section 11).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from jax import lax
 from tekfax.damping import safe_div
 
 ESTIMATORS = ("kfac", "tkfac")
+POSITIONS = ("expand", "reduce")
 
 
 class Factors(NamedTuple):
@@ -96,10 +99,20 @@ def _weighted_gram(
     return (left.T @ right) / rest
 
 
+def _row_scale(top: jax.Array) -> jax.Array:
+    """power_of_two(top), at most 2^(maxexp - 2) (2^126 in float32): a scale for x / p.
+
+    XLA rewrites x / p as x * (1/p) and flushes subnormal numbers to zero on CPU, so 1/p
+    must stay normal: 1/2^127 would turn every x / p into 0. With the cap, |x| / p < 4.
+    """
+    cap = 2.0 ** (jnp.finfo(top.dtype).maxexp - 2)
+    return jnp.minimum(power_of_two(top), jnp.asarray(cap, top.dtype))
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _squared_norm(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """(m, p) with sum over ``axes`` of x^2 = m p^2, p a power of two: no overflow in m."""
-    p = power_of_two(jnp.max(jnp.abs(x), axis=axes))
+    p = _row_scale(jnp.max(jnp.abs(x), axis=axes))
     p_in = jnp.expand_dims(p, axes)
     return jnp.sum(jnp.square(x / p_in), axis=axes), p
 
@@ -146,15 +159,57 @@ def tkfac_moments(a: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
     return m_phi, m_psi
 
 
-def batch_factors(estimator: str, a: jax.Array, u: jax.Array) -> Factors:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _position_sum(x: jax.Array, axis: int, count: int) -> jax.Array:
+    """sum over ``axis`` of x / count (kept as an axis of 1), scaled by powers of two.
+
+    Each slice is divided by p (:func:`_row_scale` of its largest |x|) before the sum and
+    multiplied back after the division by ``count``: the sum of terms below 4 cannot
+    overflow, and p, 1/p are exact, so the bits are those of the plain sum in the normal
+    range. A slice of ones (the bias column) gives exactly 1 for count = its length.
+    """
+    p = _row_scale(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    return jnp.sum(x / p, axis=axis, keepdims=True) / count * p
+
+
+def reduce_positions(a: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """KFAC-reduce's matrices: abar_n = (1/T) sum_t a_{n,t}, ubar_n = sum_t u_{n,t}.
+
+    docs/algorithms.md, section 11 (Eschenhagen et al. 2023). Returned as a layer with one
+    position, shapes (N, 1, d_in) and (S, N, 1, d_out), so the factors of
+    :func:`kfac_factors` and :func:`tkfac_moments` apply to them unchanged. The sums are
+    scaled by powers of two: in float32 neither overflows unless its result does, and the
+    bias column's mean is exactly 1.
+
+    Example:
+      >>> from tekfax.curvature import reduce_positions
+      >>> a = jnp.concatenate([jnp.ones((1, 3, 1)), jnp.arange(3.0).reshape(1, 3, 1)], -1)
+      >>> a_bar, u_bar = reduce_positions(a, jnp.ones((1, 1, 3, 2)))
+      >>> a_bar.tolist(), u_bar.tolist()
+      ([[[1.0, 1.0]]], [[[[3.0, 3.0]]]])
+    """
+    return _position_sum(a, 1, a.shape[1]), _position_sum(u, 2, 1)
+
+
+def batch_factors(estimator: str, a: jax.Array, u: jax.Array, positions: str = "expand") -> Factors:
     """The (input, output) factor pair of one batch for ``estimator`` ("kfac" or "tkfac").
+
+    ``positions="reduce"`` takes them from :func:`reduce_positions` (KFAC-reduce), for
+    layers with T > 1 positions; "expand" (and any layer with T = 1, where the two agree)
+    uses a and u as they are (docs/algorithms.md, sections 2 and 11).
 
     Example:
       >>> from tekfax.curvature import batch_factors
       >>> factors = batch_factors("tkfac", jnp.ones((4, 1, 3)), jnp.ones((1, 4, 1, 2)))
       >>> float(factors.inp[0, 0])
       2.0
+      >>> a, u = jnp.ones((4, 5, 3)), jnp.ones((1, 4, 5, 2))   # T = 5 positions
+      >>> float(batch_factors("kfac", a, u).out[0, 0]), float(batch_factors(
+      ...     "kfac", a, u, "reduce").out[0, 0])   # sum_t u^2 = 5, (sum_t u)^2 = 25
+      (5.0, 25.0)
     """
+    if positions == "reduce" and a.shape[1] > 1:
+        a, u = reduce_positions(a, u)
     if estimator == "kfac":
         return Factors(*kfac_factors(a, u))
     return Factors(*tkfac_moments(a, u))

@@ -26,6 +26,7 @@ from tekfax.capture import (
     discover_layers,
     flatten_by_name,
     nest_by_name,
+    untagged_params,
 )
 from tekfax.curvature import eigen_diagonal
 from tekfax.kronecker import LayerCurvature, find_kronecker_state
@@ -248,3 +249,20 @@ def approximation_errors(approx: Any, exact_blocks: Any, *, damped: bool = False
             )
         errors[name] = jnp.linalg.norm(block - approx_flat[name].astype(block.dtype))
     return nest_by_name(errors)
+
+
+def unpreconditioned(
+    logits_fn: Callable[[Any], Any], params: Any, *, has_aux: bool = False
+) -> list[str]:
+    """The params ``logits_fn`` uses that no tekfax optimizer preconditions, by path.
+
+    Everything that is not the kernel or bias of a supported layer the model calls
+    (:mod:`tekfax.modules`): normalisation scales, embeddings, untagged modules. Those
+    pass through the preconditioner unchanged. :func:`tekfax.loss_and_curvature` logs the
+    same list once, on the ``tekfax`` logger.
+
+    Example:
+      >>> tekfax.diagnostics.unpreconditioned(logits_fn, params)
+      []
+    """
+    return untagged_params(discover_layers(logits_fn, params, has_aux), params)

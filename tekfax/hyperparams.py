@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import textwrap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -37,12 +37,14 @@ class Hyperparams(NamedTuple):
     eigen_every: int = 100
     rescale_every: int = 10
     conv_rescale: str = "per_example"
+    positions: str = "expand"
     norm_constraint: float | None = None
     damping_floor: float = 0.0
     learning_rate: optax.ScalarOrSchedule | None = None
     pi_adjusted: bool = False
     eigen_mesh: jax.sharding.Mesh | None = None
     eigen_axis: str = "data"
+    layer_dims: Mapping[str, tuple[int, int]] | None = None
 
 
 DOCS = {
@@ -62,6 +64,11 @@ DOCS = {
     'defaults were chosen from scripts/bench.py (README, "Performance").',
     "conv_rescale": '``"per_example"`` (exact) or ``"per_location"`` (diag(Q^T F1 Q)), for '
     "EKFAC/TEKFAC layers applied over positions (docs/algorithms.md, section 8).",
+    "positions": '``"expand"`` (positions as extra examples) or ``"reduce"`` (KFAC-reduce: '
+    "inputs averaged and output gradients summed over each example's positions before the "
+    "outer products), the Kronecker factors of every tagged layer applied at more than one "
+    "position: a Dense layer over extra axes, a convolution (its output locations). S of "
+    "EKFAC/TEKFAC is the same either way (docs/algorithms.md, section 11).",
     "norm_constraint": "kappa of the KL clip (docs/algorithms.md, section 5), or None.",
     "damping_floor": "r, the relative damping floor (docs/algorithms.md, section 9): lambda "
     "is raised to at least r times the largest mean eigenvalue tr(F_hat)/dim the layer's "
@@ -76,6 +83,10 @@ DOCS = {
     "spreads each refresh's eigendecompositions over the devices of its axis "
     "``eigen_axis`` (each decomposes a share; results all-gathered; KAISA). Same results.",
     "eigen_axis": "the axis of ``eigen_mesh`` the work is spread over.",
+    "layer_dims": "None reads every layer's (d_in, d_out) from its kernel and bias shapes. "
+    "A mapping from layer name to (d_in, d_out), bias row included, overrides that for a "
+    "bias-free kernel whose outputs span several axes (the shapes alone are ambiguous); "
+    "``tekfax.layer_dims(logits_fn, params)`` traces the model for it.",
 }
 
 

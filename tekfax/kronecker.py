@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -44,6 +43,7 @@ from tekfax.capture import LayerStats, iter_layer_stats
 from tekfax.curvature import Factors
 from tekfax.eigenbasis import Eigenbasis
 from tekfax.hyperparams import Hyperparams, takes_hyperparams
+from tekfax.layers import find_layers, fits, layer_dims, replace_layers
 from tekfax.patches import grad_matrix, locations, matrix_to_grads, sum_over_examples
 from tekfax.precondition import DampedInverses
 from tekfax.states import find_outermost
@@ -201,46 +201,17 @@ def stats_needed(opt_state: Any) -> jax.Array:
     return find_kronecker_state(opt_state).needs_stats
 
 
-def _is_layer(node: Any) -> bool:
-    if not isinstance(node, Mapping) or "kernel" not in node or not set(node) <= {"kernel", "bias"}:
-        return False
-    kernel = node["kernel"]
-    if getattr(kernel, "ndim", 0) < 2:
-        return False
-    return "bias" not in node or tuple(node["bias"].shape) == (kernel.shape[-1],)
-
-
-def find_layers(params: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, Mapping]]:
-    """Yields (name, {"kernel", "bias"}) for every dict in ``params`` shaped like a Dense/Conv.
-
-    Example:
-      >>> from tekfax.kronecker import find_layers
-      >>> [name for name, _ in find_layers(params)]
-      ['Dense_0', 'Dense_1']
-    """
-    if _is_layer(params):
-        yield "/".join(prefix), params
-    elif isinstance(params, Mapping):
-        for key, value in params.items():
-            yield from find_layers(value, prefix + (str(key),))
-
-
-def _replace_layers(tree: Any, new: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Any:
-    name = "/".join(prefix)
-    if name in new:
-        return type(tree)(new[name]) if isinstance(tree, Mapping) else new[name]
-    if isinstance(tree, Mapping):
-        return type(tree)({k: _replace_layers(v, new, prefix + (str(k),)) for k, v in tree.items()})
-    return tree
-
-
 def _layer_sum(fn, st: LayerStats, dtype: jnp.dtype, per_example: int):
     """``fn(a, u)`` over the layer's batch, streamed in chunks (bounded memory)."""
     return sum_over_examples(fn, st.inputs, st.out_grads, st.meta, dtype, per_example)
 
 
 def _factor_elements(st: LayerStats) -> int:
-    """Elements the factor products hold per example: the layer matrices a and u."""
+    """Elements the factor products hold per example: the layer matrices a and u.
+
+    The same under ``positions="reduce"``: each chunk builds a and u (im2col included)
+    before reducing them over positions, and the reduced pair is T times smaller.
+    """
     return locations(st.out_grads) * (st.meta.d_in + st.out_grads.shape[0] * st.meta.d_out)
 
 
@@ -254,20 +225,21 @@ def _check_layer(name: str, st: LayerStats, layer: Any, grad_layers: Mapping) ->
     shape = (layer.factor_in.shape[0], layer.factor_out.shape[0])
     if (st.meta.d_in, st.meta.d_out) != shape:
         raise ValueError(
-            f"tekfax: layer '{name}' has (d_in, d_out) = {(st.meta.d_in, st.meta.d_out)} in "
-            f"its stats but {shape} in the optimizer state."
+            f"tekfax: layer '{name}' multiplies its kernel as (d_in, d_out) = "
+            f"{(st.meta.d_in, st.meta.d_out)} but the optimizer state has {shape}, read from "
+            "the kernel's shape. A bias-free kernel with several output axes is ambiguous: "
+            "pass layer_dims=tekfax.layer_dims(logits_fn, params) to the optimizer."
         )
     if name not in grad_layers or ("bias" in grad_layers[name]) != st.meta.has_bias:
         raise ValueError(
             f"tekfax: the gradient tree has no kernel/bias dict matching layer '{name}'."
         )
-    kernel = grad_layers[name]["kernel"]
-    grad_shape = (math.prod(kernel.shape[:-1]) + int(st.meta.has_bias), kernel.shape[-1])
-    if grad_shape != shape:
+    if not fits(grad_layers[name], shape):
         raise ValueError(
-            f"tekfax: layer '{name}' has a gradient (updates) of (d_in, d_out) = {grad_shape} "
-            f"but {shape} in the optimizer state; pass the gradients of the params that "
-            "opt.init was called with."
+            f"tekfax: layer '{name}' has a gradient (updates) with kernel shape "
+            f"{tuple(grad_layers[name]['kernel'].shape)}, not the (d_in, d_out) = {shape} "
+            "matrix of the optimizer state; pass the gradients of the params that opt.init "
+            "was called with."
         )
 
 
@@ -282,7 +254,7 @@ def _active_layers(
     if not active:
         raise ValueError(
             "tekfax: stats holds no layer statistics; pass stats=out.stats from "
-            "tekfax.loss_and_curvature on a model with nn.Dense / nn.Conv layers."
+            "tekfax.loss_and_curvature on a model with supported layers (tekfax.modules)."
         )
     return active
 
@@ -291,6 +263,7 @@ def _check_hyperparams(estimator: str, eigen_corrected: bool, hp: Hyperparams) -
     """Raises a clear error, naming the argument, for every invalid hyperparameter."""
     check_choice("estimator", estimator, curvature.ESTIMATORS)
     check_choice("conv_rescale", hp.conv_rescale, rescale.CONV_RESCALE)
+    check_choice("positions", hp.positions, curvature.POSITIONS)
     check_bool("eigen_corrected", eigen_corrected)
     check_bool("pi_adjusted", hp.pi_adjusted)
     if hp.damping is None and hp.nu is None:
@@ -328,12 +301,10 @@ class _Pipeline(NamedTuple):
         return self.estimator == "tkfac"
 
 
-def _init_layer(layer: Mapping, pipe: _Pipeline) -> LayerCurvature:
+def _init_layer(name: str, layer: Mapping, pipe: _Pipeline) -> LayerCurvature:
     """Zero factors, identity bases, zero S, D = 1 and identity inverses for one kernel."""
-    kernel = layer["kernel"]
-    dtype = stat_dtype(kernel.dtype)
-    d_out = kernel.shape[-1]
-    d_in = math.prod(kernel.shape[:-1]) + int("bias" in layer)
+    dtype = stat_dtype(layer["kernel"].dtype)
+    d_in, d_out = _dims(name, layer, pipe.hp.layer_dims)
     return LayerCurvature(
         factor_in=jnp.zeros((d_in, d_in), dtype),
         factor_out=jnp.zeros((d_out, d_out), dtype),
@@ -350,12 +321,33 @@ def _init_layer(layer: Mapping, pipe: _Pipeline) -> LayerCurvature:
     )
 
 
+def _dims(name: str, layer: Mapping, given: Mapping | None) -> tuple[int, int]:
+    """(d_in, d_out) of a layer: from ``layer_dims`` when it names the layer, else the shapes."""
+    if not given or name not in given:
+        return layer_dims(layer)
+    d_in, d_out = (int(d) for d in given[name])
+    if not fits(layer, (d_in, d_out)):
+        raise ValueError(
+            f"tekfax: layer_dims gives layer '{name}' (d_in, d_out) = {(d_in, d_out)}, which "
+            f"does not fit its kernel {tuple(layer['kernel'].shape)}"
+            + (f" and bias {tuple(layer['bias'].shape)}." if "bias" in layer else ".")
+        )
+    return d_in, d_out
+
+
 def _init(params: Any, pipe: _Pipeline) -> ScaleByKroneckerState:
-    layers = {name: _init_layer(layer, pipe) for name, layer in find_layers(params)}
+    found = find_layers(params)
+    unknown = set(pipe.hp.layer_dims or ()) - set(found)
+    if unknown:
+        raise ValueError(
+            f"tekfax: layer_dims names {sorted(unknown)}, which are not layers of the params "
+            f"(layers: {sorted(found)})."
+        )
+    layers = {name: _init_layer(name, layer, pipe) for name, layer in found.items()}
     if not layers:
         raise ValueError(
-            "tekfax: params contain no Dense/Conv layer (a dict holding a 'kernel' of rank "
-            ">= 2 and optionally a 'bias'); there is nothing to precondition."
+            "tekfax: params contain no layer (a node holding a 'kernel' of rank >= 2 and "
+            "optionally a 'bias'); there is nothing to precondition."
         )
     return ScaleByKroneckerState(
         count=jnp.zeros([], jnp.int32),
@@ -398,10 +390,17 @@ def _consumes_stats(count: jax.Array, pipe: _Pipeline) -> jax.Array:
 
 
 def _batch_factors(
-    active: Mapping[str, LayerStats], dtypes: Mapping[str, jnp.dtype], estimator: str
+    active: Mapping[str, LayerStats],
+    dtypes: Mapping[str, jnp.dtype],
+    estimator: str,
+    positions: str,
 ) -> dict[str, Factors]:
-    """Each layer's factors of this batch (section 2), streamed over its examples."""
-    fn = functools.partial(curvature.batch_factors, estimator)
+    """Each layer's factors of this batch (sections 2 and 11), streamed over its examples.
+
+    With ``positions="reduce"`` each chunk's layer matrices are reduced over positions
+    (:func:`tekfax.curvature.reduce_positions`) before their outer products.
+    """
+    fn = functools.partial(curvature.batch_factors, estimator, positions=positions)
     return {k: _layer_sum(fn, st, dtypes[k], _factor_elements(st)) for k, st in active.items()}
 
 
@@ -421,7 +420,9 @@ def _estimate_curvature(
     factors, accepted = lax.cond(
         due.curvature,
         lambda: curvature.moving_average(
-            previous, _batch_factors(active, dtypes, pipe.estimator), pipe.hp.ema
+            previous,
+            _batch_factors(active, dtypes, pipe.estimator, pipe.hp.positions),
+            pipe.hp.ema,
         ),
         lambda: (previous, jnp.array(False)),
     )
@@ -586,7 +587,7 @@ def _update(
     ``damping``, when given, replaces the hyperparameter (adaptive damping passes it).
     """
     _check_update_args(state, stats)
-    grad_layers = dict(find_layers(updates))
+    grad_layers = find_layers(updates)
     active = _active_layers(state, stats, grad_layers)
     old = {name: state.layers[name] for name in active}
     due = schedule(state.count, pipe.hp)
@@ -602,7 +603,10 @@ def _update(
     rule_args = (s, is_conv, *_damping(pipe.hp, damping, peak, dims))
     damped = pipe.damping_rule(bases, *rule_args)
     damped, inverses = _cached_inverses(old, bases, damped, due, rule_args, pipe)
-    grads = {k: grad_matrix(grad_layers[k], old[k].factor_in.dtype) for k in active}
+    grads = {
+        k: grad_matrix(grad_layers[k], old[k].factor_in.dtype, old[k].factor_out.shape[0])
+        for k in active
+    }
     lr = _learning_rate_at(pipe.hp.learning_rate, state.count)
     pre = _precondition(grads, bases, damped, inverses, pipe, lr)
 
@@ -613,7 +617,7 @@ def _update(
             for k in active
         }
     )
-    new_updates = _replace_layers(
+    new_updates = replace_layers(
         updates, {k: matrix_to_grads(pre[k], grad_layers[k]) for k in active}
     )
     count = optax.safe_int32_increment(state.count)

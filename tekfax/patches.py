@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tekfax.tagging import LayerMeta
+from tekfax.layers import layer_dims
+from tekfax.modules import LayerMeta
 
 
 def _patch_indices(spatial: tuple[int, ...], meta: LayerMeta) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -197,16 +198,21 @@ def locations(out_grads: jax.Array) -> int:
     return math.prod(out_grads.shape[2:-1])
 
 
-def grad_matrix(layer_grads: Mapping[str, jax.Array], dtype: jnp.dtype) -> jax.Array:
+def grad_matrix(
+    layer_grads: Mapping[str, jax.Array], dtype: jnp.dtype, d_out: int | None = None
+) -> jax.Array:
     """A layer's {"bias", "kernel"} gradient as a (d_in, d_out) matrix, bias in row 0.
+
+    The kernel is read row-major with ``d_out`` columns (:func:`tekfax.layers.layer_dims`:
+    by default the bias's size, or the kernel's last axis without a bias).
 
     Example:
       >>> m = tekfax.patches.grad_matrix(grads["Dense_0"], jnp.float32)
       >>> m.shape, bool((m[0] == grads["Dense_0"]["bias"]).all())
       ((5, 16), True)
     """
-    kernel = layer_grads["kernel"]
-    rows = kernel.reshape(-1, kernel.shape[-1]).astype(dtype)
+    d_out = layer_dims(layer_grads, d_out)[1]
+    rows = layer_grads["kernel"].reshape(-1, d_out).astype(dtype)
     if "bias" in layer_grads:
         rows = jnp.concatenate([layer_grads["bias"].reshape(1, -1).astype(dtype), rows], axis=0)
     return rows

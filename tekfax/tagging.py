@@ -1,23 +1,30 @@
-"""Layer tagging: a Flax Linen method interceptor that finds Dense and Conv layers.
+"""Layer tagging: finds the supported layers a model calls, and taps their inputs and outputs.
 
-The interceptor runs in two modes.
+Supported modules (:mod:`tekfax.modules`): Linen ``nn.Dense``, ``nn.Conv``,
+``nn.DenseGeneral`` and ``nn.Einsum``, found with a Linen method interceptor and named by
+their scope path; NNX ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` and ``nnx.Einsum``,
+found by wrapping those classes' ``__call__`` while :func:`tag_layers` is active and named
+by the path of their kernel in the ``params`` tree (build the NNX model inside the traced
+function with ``nnx.merge(graphdef, params, rest)``).
+
+The tagging runs in two modes.
 
 * ``discover``: used under ``jax.eval_shape``; it records every tagged layer's static
-  metadata (:class:`LayerMeta`) and the shapes of its input and output, and raises on
+  metadata (:class:`LayerMeta`) and the shapes of its input and output rows, and raises on
   configurations the Kronecker-factored curvature cannot represent.
-* ``tap``: wraps each tagged layer's output in :func:`_tap`, an identity with a custom VJP
-  whose backward pass returns the layer's output cotangent and its input as the cotangents
-  of two zero-valued *probes*. Differentiating with respect to the probes therefore yields
-  ``u`` (the output gradient) and ``a`` (the input) of every layer from ordinary reverse
-  mode, with no side channel. That is what makes tagging work inside ``nn.remat``,
-  ``jax.checkpoint`` and any other transformation that forbids leaking tracers.
+* ``tap``: wraps each tagged layer's output rows in :func:`_tap`, an identity with a custom
+  VJP whose backward pass returns the layer's output cotangent and its input as the
+  cotangents of two zero-valued *probes*. Differentiating with respect to the probes
+  therefore yields ``u`` (the output gradient) and ``a`` (the input) of every layer from
+  ordinary reverse mode, with no side channel. That is what makes tagging work inside
+  ``nn.remat``, ``jax.checkpoint`` and any other transformation that forbids leaking tracers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -25,152 +32,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-TAGGED_MODULES = (nn.Dense, nn.Conv)
+from tekfax.layers import leaf_names
+from tekfax.modules import LINEN_MODULES, NNX_MODULES, LayerMeta, Rows, describe
 
-
-@dataclasses.dataclass(frozen=True)
-class LayerMeta:
-    """Static description of one tagged layer.
-
-    Attributes:
-      name: the layer's path in the params tree, joined with ``/``.
-      kind: ``"dense"`` or ``"conv"``.
-      in_features: input features (channels for a convolution).
-      out_features: output features.
-      kernel_size: spatial kernel size, ``()`` for a Dense layer.
-      strides: convolution strides, ``()`` for a Dense layer.
-      padding: explicit ``(low, high)`` padding per spatial axis, ``()`` for Dense.
-      dilation: kernel dilation per spatial axis, ``()`` for Dense.
-      has_bias: whether the layer has a bias (folded in as a leading input of 1).
-
-    Example:
-      >>> meta = out.stats["Dense_0"].meta
-      >>> meta.kind, meta.in_features, meta.out_features, meta.d_in, meta.d_out
-      ('dense', 4, 16, 5, 16)
-    """
-
-    name: str
-    kind: str
-    in_features: int
-    out_features: int
-    kernel_size: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    padding: tuple[tuple[int, int], ...] = ()
-    dilation: tuple[int, ...] = ()
-    has_bias: bool = True
-
-    @property
-    def d_in(self) -> int:
-        """Rows of the layer matrix: patch length plus one for the bias.
-
-        See docs/algorithms.md, section 1.
-        """
-        patch = self.in_features
-        for k in self.kernel_size:
-            patch *= k
-        return patch + int(self.has_bias)
-
-    @property
-    def d_out(self) -> int:
-        return self.out_features
-
-    @property
-    def is_conv(self) -> bool:
-        return self.kind == "conv"
+__all__ = ["LayerMeta", "stat_dtype", "tag_layers"]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Discovered:
     meta: LayerMeta
+    rows: Rows
     inputs: jax.ShapeDtypeStruct
     outputs: jax.ShapeDtypeStruct
-
-
-def _as_tuple(value: Any, rank: int) -> tuple[int, ...]:
-    if value is None:
-        value = 1
-    if isinstance(value, int):
-        return (value,) * rank
-    return tuple(int(v) for v in value)
-
-
-def _conv_meta(module: nn.Conv, name: str, inputs: jax.Array) -> LayerMeta:
-    ks = module.kernel_size
-    kernel_size = (int(ks),) if isinstance(ks, int) else tuple(int(k) for k in ks)
-    rank = len(kernel_size)
-    where = f"tekfax: Conv layer '{name}'"
-    if module.feature_group_count != 1:
-        raise ValueError(
-            f"{where} has feature_group_count={module.feature_group_count}; grouped and "
-            "depthwise convolutions have no Kronecker-factored block here. Use "
-            "feature_group_count=1 or keep this layer out of tekfax (e.g. an untagged module)."
-        )
-    if any(d != 1 for d in _as_tuple(module.input_dilation, rank)):
-        raise ValueError(f"{where} uses input_dilation, which is not supported.")
-    if module.mask is not None:
-        raise ValueError(f"{where} uses a weight mask, which is not supported.")
-    if inputs.ndim < rank + 2:
-        raise ValueError(
-            f"{where} got an input of shape {inputs.shape} without a batch axis; tekfax "
-            "needs (batch, *spatial, features) inputs."
-        )
-    strides = _as_tuple(module.strides, rank)
-    dilation = _as_tuple(module.kernel_dilation, rank)
-    padding = nn.linear.canonicalize_padding(module.padding, rank)
-    spatial = inputs.shape[-rank - 1 : -1]
-    if isinstance(padding, str):
-        if padding in ("CIRCULAR", "REFLECT"):
-            raise ValueError(
-                f"{where} uses {padding} padding, which is not supported; use 'SAME', "
-                "'VALID', 'CAUSAL' or explicit padding."
-            )
-        if padding == "CAUSAL":
-            padding = [(dilation[0] * (kernel_size[0] - 1), 0)]
-        else:
-            dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True)]
-            padding = lax.padtype_to_pads(spatial, dilated, strides, padding)
-    return LayerMeta(
-        name=name,
-        kind="conv",
-        in_features=int(inputs.shape[-1]),
-        out_features=int(module.features),
-        kernel_size=kernel_size,
-        strides=strides,
-        padding=tuple((int(lo), int(hi)) for lo, hi in padding),
-        dilation=dilation,
-        has_bias=bool(module.use_bias),
-    )
-
-
-def _dense_meta(module: nn.Dense, name: str, inputs: jax.Array) -> LayerMeta:
-    if inputs.ndim < 2:
-        raise ValueError(
-            f"tekfax: Dense layer '{name}' got an input of shape {inputs.shape} without a "
-            "batch axis; tekfax needs (batch, ..., features) inputs."
-        )
-    return LayerMeta(
-        name=name,
-        kind="dense",
-        in_features=int(inputs.shape[-1]),
-        out_features=int(module.features),
-        has_bias=bool(module.use_bias),
-    )
-
-
-def layer_meta(module: nn.Module, inputs: jax.Array) -> LayerMeta:
-    """Validates a tagged module and returns its static metadata.
-
-    Example:
-      >>> layer = nn.Conv(8, (3, 3), strides=2).bind(
-      ...     {"params": {"kernel": jnp.zeros((3, 3, 1, 8)), "bias": jnp.zeros(8)}})
-      >>> meta = tekfax.tagging.layer_meta(layer, jnp.zeros((2, 6, 6, 1)))
-      >>> meta.kind, meta.kernel_size, meta.strides, meta.padding, meta.d_in
-      ('conv', (3, 3), (2, 2), ((0, 1), (0, 1)), 10)
-    """
-    name = "/".join(module.scope.path)
-    if isinstance(module, nn.Conv):
-        return _conv_meta(module, name, inputs)
-    return _dense_meta(module, name, inputs)
 
 
 @jax.custom_vjp
@@ -192,19 +65,40 @@ def _tap_bwd(inputs, out_cotangent):
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
-class _Interceptor:
-    """Callable passed to ``flax.linen.intercept_methods``."""
+class _Tagger:
+    """Tags module calls: the Linen interceptor and the NNX ``__call__`` wrapper both call it."""
 
-    def __init__(self, probes: Mapping[str, tuple[jax.Array, jax.Array]] | None):
+    def __init__(self, probes: Mapping[str, tuple[jax.Array, jax.Array]] | None, params: Any):
         self.probes = probes
+        self.leaf_names = None if params is None else leaf_names(params)
         self.discovered: dict[str, _Discovered] = {}
         self._active: set[str] = set()
 
-    def __call__(self, next_fun, args, kwargs, context):
+    def linen(self, next_fun, args, kwargs, context):
+        """The ``flax.linen.intercept_methods`` interceptor."""
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, TAGGED_MODULES):
+        if context.method_name != "__call__" or not isinstance(module, LINEN_MODULES):
             return next_fun(*args, **kwargs)
-        name = "/".join(module.scope.path)
+        return self.call(module, "/".join(module.scope.path), next_fun, args, kwargs)
+
+    def nnx_name(self, module: Any) -> str:
+        """An NNX module's name: the path of its kernel in ``params``, without ``/kernel``."""
+        kernel = module.kernel.get_value()
+        name = None if self.leaf_names is None else self.leaf_names.get(id(kernel))
+        if name is None:
+            raise ValueError(
+                f"tekfax: an nnx.{type(module).__name__} was called whose kernel is not a leaf "
+                "of the params being differentiated. Build the NNX model from them inside "
+                "logits_fn: lambda p: nnx.merge(graphdef, p, rest)(x) (and pass params= to "
+                "tekfax.tag_layers when driving it yourself). NNX transforms such as "
+                "nnx.remat, nnx.scan and nnx.vmap rebuild a module's Variables, so its layer "
+                "cannot be named: use jax.checkpoint on a function of the module instead of "
+                "nnx.remat."
+            )
+        return name.rpartition("/")[0]
+
+    def call(self, module: Any, name: str, next_fun: Callable, args: tuple, kwargs: dict):
+        """Runs one module call, recording (and with probes, tapping) the outermost one."""
         outermost = name not in self._active
         if outermost and name in self.discovered:
             raise ValueError(
@@ -219,14 +113,16 @@ class _Interceptor:
             if outermost:
                 self._active.discard(name)
         if name in self.discovered:
-            # A subclass called super().__call__: the innermost level, the real Dense/Conv
-            # whose output is the pre-activation s = W a, is already tagged.
+            # A subclass called super().__call__: the innermost level, the real layer whose
+            # output is the pre-activation s = W a, is already tagged.
             return outputs
-        inputs = args[0] if args else kwargs["inputs"]
+        meta, rows = describe(module, name, args, kwargs, outputs)
+        inputs, out_rows = rows.inputs(args[0] if args else kwargs["inputs"]), rows.outputs(outputs)
         self.discovered[name] = _Discovered(
-            layer_meta(module, inputs),
+            meta,
+            rows,
             jax.ShapeDtypeStruct(inputs.shape, stat_dtype(inputs.dtype)),
-            jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
+            jax.ShapeDtypeStruct(out_rows.shape, out_rows.dtype),
         )
         if self.probes is None:
             return outputs
@@ -237,7 +133,28 @@ class _Interceptor:
             )
         out_probe, in_probe = self.probes[name]
         tapped_inputs = lax.stop_gradient(inputs.astype(in_probe.dtype))
-        return _tap(outputs, tapped_inputs, out_probe, in_probe)
+        return rows.restore(_tap(out_rows, tapped_inputs, out_probe, in_probe), outputs)
+
+
+@contextlib.contextmanager
+def _wrap_nnx_calls(tagger: _Tagger) -> Iterator[None]:
+    """Routes every call of the NNX module classes through ``tagger`` while active."""
+    originals = {cls: cls.__dict__["__call__"] for cls in NNX_MODULES}
+
+    def wrap(original):
+        def __call__(self, *args, **kwargs):
+            name = tagger.nnx_name(self)
+            return tagger.call(self, name, lambda *a, **k: original(self, *a, **k), args, kwargs)
+
+        return __call__
+
+    for cls, original in originals.items():
+        cls.__call__ = wrap(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.__call__ = original
 
 
 def stat_dtype(dtype: Any) -> jnp.dtype:
@@ -253,14 +170,18 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 @contextlib.contextmanager
 def tag_layers(
     probes: Mapping[str, tuple[jax.Array, jax.Array]] | None = None,
+    params: Any = None,
 ) -> Iterator[dict[str, _Discovered]]:
-    """Context manager that tags every ``nn.Dense`` and ``nn.Conv`` call inside it.
+    """Context manager that tags every supported layer called inside it (:mod:`tekfax.modules`).
 
     Without ``probes`` it only discovers: the yielded dict fills with each layer's
-    metadata and input/output shapes (run it under ``jax.eval_shape``). With ``probes``,
+    metadata and input/output row shapes (run it under ``jax.eval_shape``). With ``probes``,
     a mapping from layer name to ``(out_probe, in_probe)`` zero arrays shaped like the
-    layer's output and input, the layer's output gradient and input become the
+    layer's output and input rows, the layer's output gradient and input become the
     gradients of the probes. Enter it inside the traced function, never around ``init``.
+    ``params``, the traced params tree, names NNX layers (Linen layers are named by scope).
+    NNX classes are patched while it is active, so do not trace two models at once in
+    different threads.
 
     Example:
       >>> with tekfax.tag_layers() as layers:
@@ -275,6 +196,6 @@ def tag_layers(
             "tekfax: probes must be None or a mapping from layer name to (out_probe, "
             f"in_probe), got {type(probes).__name__}."
         )
-    interceptor = _Interceptor(probes)
-    with nn.intercept_methods(interceptor):
-        yield interceptor.discovered
+    tagger = _Tagger(probes, params)
+    with nn.intercept_methods(tagger.linen), _wrap_nnx_calls(tagger):
+        yield tagger.discovered

@@ -32,7 +32,8 @@ ALGORITHM_SECTIONS = (
     "7-experimental-protocol",
     "8-cost-notes",
     "9-robustness-trust-region-and-adaptive-damping",
-    "10-layers-applied-over-positions-and-embeddings",
+    "10-supported-layers-dense-convolutions-densegeneral-einsum-attention-nnx",
+    "11-layers-applied-over-positions-expand-and-reduce",
 )
 
 

@@ -30,16 +30,18 @@ DEFAULTS = {
     "eigen_every": 100,
     "rescale_every": 10,
     "conv_rescale": "per_example",
+    "positions": "expand",
     "norm_constraint": None,
     "damping_floor": 0.0,
     "learning_rate": None,
     "pi_adjusted": False,
     "eigen_mesh": None,
     "eigen_axis": "data",
+    "layer_dims": None,
 }
 
 
-def test_one_table_holds_the_fourteen_names_defaults_and_docs():
+def test_one_table_holds_the_names_defaults_and_docs():
     assert Hyperparams._field_defaults == DEFAULTS
     assert set(DOCS) == set(Hyperparams._fields)
     assert all(text.strip() for text in DOCS.values())
