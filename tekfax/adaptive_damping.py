@@ -66,7 +66,9 @@ def _untagged_pairs(grads: Any, delta: Any, layers: Mapping[str, Any]) -> list:
     return [
         (g, d)
         for path, d, g in zip(paths, delta_leaves, grad_leaves, strict=True)
-        if not path or "/".join(path[:-1]) not in layers or path[-1] not in ("kernel", "bias")
+        if not path
+        or "/".join(path[:-1]) not in layers
+        or path[-1] not in ("kernel", "bias", "embedding")
     ]
 
 

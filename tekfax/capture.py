@@ -261,14 +261,34 @@ def discover_layers(logits_fn: Callable, params: Any, has_aux: bool = False) -> 
         found.update(layers)
         return logits
 
-    jax.eval_shape(trace, params)
+    batch = jax.eval_shape(trace, params).shape[0]
+    found = _per_example_layers(found, batch)
     if not found:
         raise ValueError(
             "tekfax: logits_fn called no supported layer (Linen nn.Dense, nn.Conv, "
-            "nn.DenseGeneral, nn.Einsum; NNX nnx.Linear, nnx.Conv, nnx.LinearGeneral, "
-            "nnx.Einsum), so there is no curvature to capture."
+            "nn.DenseGeneral, nn.Einsum, nn.Embed; NNX nnx.Linear, nnx.Conv, "
+            "nnx.LinearGeneral, nnx.Einsum, nnx.Embed), so there is no curvature to capture."
         )
     return found
+
+
+def _per_example_layers(found: Mapping, batch: int) -> dict:
+    """The layers applied per example: the batch axis leads their input as it leads the logits.
+
+    An embedding looked up without a batch axis (positions: ``Embed(L, d)(jnp.arange(L))``)
+    is shared by all examples and passes through untagged; any other layer raises.
+    """
+    kept = {}
+    for name, d in found.items():
+        if d.inputs.shape[:1] == (batch,):
+            kept[name] = d
+        elif d.meta.kind != "embed":
+            raise ValueError(
+                f"tekfax: layer '{name}' got an input of shape {d.inputs.shape}, whose leading "
+                f"axis is not the batch of {batch} examples the logits have; tekfax needs "
+                "every tagged layer applied per example, with the batch axis first."
+            )
+    return kept
 
 
 def layer_dims(logits_fn: Callable, params: Any, *, has_aux: bool = False) -> dict:
@@ -299,7 +319,9 @@ def untagged_params(found: Mapping, params: Any) -> list[str]:
     return [
         "/".join(path)
         for path in paths
-        if not (path and path[-1] in ("kernel", "bias") and "/".join(path[:-1]) in found)
+        if not (
+            path and path[-1] in ("kernel", "bias", "embedding") and "/".join(path[:-1]) in found
+        )
     ]
 
 

@@ -143,7 +143,9 @@ def _residuals(
 def _layer_jacobian(flat_jac: Mapping[str, jax.Array], name: str, logits: jax.Array) -> jax.Array:
     """J_n of one layer, (N, outputs, parameters), its columns ordered like ``ravel_pytree``."""
     prefix = f"{name}/" if name else ""
-    parts = [flat_jac[prefix + k] for k in ("bias", "kernel") if prefix + k in flat_jac]
+    parts = [
+        flat_jac[prefix + k] for k in ("bias", "kernel", "embedding") if prefix + k in flat_jac
+    ]
     n = logits.shape[0]
     return jnp.concatenate([p.reshape(n, logits[0].size, -1) for p in parts], axis=-1)
 

@@ -1,7 +1,8 @@
 """Layers in a parameter tree: the kernel/bias pairs the optimizer preconditions.
 
 A layer is a node of the params tree whose only children are ``kernel`` (rank >= 2) and
-optionally ``bias``, named by its path joined with ``/`` (``"Block_0/Dense_1"``). The trees
+optionally ``bias``, or an ``embedding`` table of at most ``tekfax.modules.MAX_EMBED_VOCAB``
+rows, named by its path joined with ``/`` (``"Block_0/Dense_1"``). The trees
 may be Linen dicts or NNX ``nnx.State`` objects, whose leaves are ``nnx.Variable``s or plain
 arrays: paths are read with ``jax.tree_util`` and a Variable's value counts as the leaf, so
 the same code serves both and the trees it rebuilds keep their types.
@@ -21,7 +22,11 @@ from typing import Any
 
 import jax
 
+from tekfax import modules
+
 _PARAMS = ("kernel", "bias")
+# An embedding's table is its kernel: (V, features), a Dense on one-hot rows.
+_ALIASES = {"embedding": "kernel"}
 
 
 def _key(key: Any) -> Any:
@@ -64,16 +69,22 @@ def leaf_paths(tree: Any, is_leaf: Any = None) -> tuple[list[tuple[str, ...]], l
 
 
 def _layer_leaves(paths: list[tuple[str, ...]]) -> dict[str, dict[str, int]]:
-    """Layer name -> {"kernel": leaf index, "bias": leaf index} for nodes shaped like layers."""
+    """Layer name -> {"kernel": leaf index, "bias": leaf index} for nodes shaped like layers.
+
+    A node is a layer when its children are leaves named ``kernel`` and optionally ``bias``,
+    or a single leaf ``embedding`` (an embedding table, returned as its ``kernel``).
+    """
     children: dict[tuple[str, ...], dict[str, int]] = {}
     for i, path in enumerate(paths):
         for k in range(len(path)):  # -1 marks a child that is a subtree, not a leaf
             children.setdefault(path[:k], {})[path[k]] = i if k == len(path) - 1 else -1
-    return {
-        "/".join(parent): kids
-        for parent, kids in children.items()
-        if set(kids) <= set(_PARAMS) and kids.get("kernel", -1) >= 0 and kids.get("bias", 0) >= 0
-    }
+    layers = {}
+    for parent, kids in children.items():
+        if set(kids) == {"embedding"}:
+            kids = {"kernel": kids["embedding"]}
+        if set(kids) <= set(_PARAMS) and kids.get("kernel", -1) >= 0 and kids.get("bias", 0) >= 0:
+            layers["/".join(parent)] = kids
+    return layers
 
 
 def find_layers(tree: Any) -> dict[str, dict[str, Any]]:
@@ -88,6 +99,9 @@ def find_layers(tree: Any) -> dict[str, dict[str, Any]]:
     layers = {}
     for name, kids in _layer_leaves(paths).items():
         layer = {k: leaves[i] for k, i in kids.items()}
+        is_embed = paths[kids["kernel"]][-1] in _ALIASES
+        if is_embed and layer["kernel"].shape[0] > modules.MAX_EMBED_VOCAB:
+            continue  # too large to tag (tekfax.modules.MAX_EMBED_VOCAB)
         if getattr(layer["kernel"], "ndim", 0) >= 2 and _bias_fits(layer):
             layers[name] = layer
     return layers

@@ -37,7 +37,7 @@ class LayerMeta:
 
     Attributes:
       name: the layer's path in the params tree, joined with ``/``.
-      kind: ``"dense"`` or ``"conv"``.
+      kind: ``"dense"``, ``"conv"`` or ``"embed"`` (a Dense on one-hot token rows).
       in_features: input features (channels for a convolution).
       out_features: output features.
       kernel_size: spatial kernel size, ``()`` for a Dense layer.
@@ -82,8 +82,12 @@ class LayerMeta:
         return self.kind == "conv"
 
 
-LINEN_MODULES = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
-NNX_MODULES = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
+LINEN_MODULES = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum, nn.Embed)
+NNX_MODULES = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
+EMBEDS = (nn.Embed, nnx.Embed)
+# Largest vocabulary an embedding is tagged with: its input factor is a dense V x V matrix and
+# its inputs are one-hot rows, so memory grows as V^2 and N T V (docs/algorithms.md, s. 10).
+MAX_EMBED_VOCAB = 4096
 
 
 class Rows(NamedTuple):
@@ -94,6 +98,8 @@ class Rows(NamedTuple):
       in_axes: how many trailing axes (after ``in_perm``) are contracted features.
       out_perm: transpose of the output to (example, positions..., features...), or None.
       out_axes: how many trailing axes (after ``out_perm``) are output features.
+      vocab: an embedding's vocabulary size V: its integer input becomes one-hot rows of
+        length V; 0 for the other layers.
 
     A convolution keeps its spatial input (``in_axes=0``): its rows are im2col patches.
 
@@ -108,9 +114,12 @@ class Rows(NamedTuple):
     in_axes: int
     out_perm: tuple[int, ...] | None
     out_axes: int
+    vocab: int = 0
 
     def inputs(self, x: jax.Array) -> jax.Array:
         """The input as (N, positions..., d_in without the bias)."""
+        if self.vocab:
+            return jax.nn.one_hot(x, self.vocab, dtype=jnp.float32)
         return _to_rows(x, self.in_perm, self.in_axes)
 
     def outputs(self, y: jax.Array) -> jax.Array:
@@ -316,10 +325,30 @@ def _einsum_equation(module: Any, args: tuple, kwargs: dict) -> str:
     return (equation or module.einsum_str).replace(" ", "")
 
 
-def describe(module: Any, name: str, args: tuple, kwargs: dict, outputs) -> tuple[LayerMeta, Rows]:
+def _embed(module: Any, name: str, inputs) -> tuple[LayerMeta, Rows] | None:
+    """An embedding as a Dense without bias on one-hot rows, or None above the size limit."""
+    vocab = int(module.num_embeddings)
+    if vocab > MAX_EMBED_VOCAB:
+        return None
+    _check_batch_axis(f"tekfax: embedding '{name}'", inputs, 1)
+    meta = LayerMeta(
+        name=name,
+        kind="embed",
+        in_features=vocab,
+        out_features=int(module.features),
+        has_bias=False,
+    )
+    return meta, Rows(None, 1, None, 1, vocab)
+
+
+def describe(
+    module: Any, name: str, args: tuple, kwargs: dict, outputs
+) -> tuple[LayerMeta, Rows] | None:
     """A tagged module's call as one layer matrix: its :class:`LayerMeta` and :class:`Rows`.
 
     ``args``/``kwargs`` are the call's arguments (the input first), ``outputs`` its result.
+    An embedding (``nn.Embed``, ``nnx.Embed``) is a Dense without bias on one-hot rows
+    (kind ``"embed"``); above :data:`MAX_EMBED_VOCAB` tokens it is not tagged (None).
     Raises a ``ValueError`` naming the layer for an option with no Kronecker block:
     grouped or input-dilated convolutions, masks, ``batch_dims`` / ``batch_axis``, and
     einsums that are not one matrix product (:func:`einsum_rows`).
@@ -333,6 +362,8 @@ def describe(module: Any, name: str, args: tuple, kwargs: dict, outputs) -> tupl
       ('dense', 5, 6, (8, 5, 6))
     """
     inputs = args[0] if args else kwargs["inputs"]
+    if isinstance(module, EMBEDS):
+        return _embed(module, name, inputs)
     if isinstance(module, nn.Conv | nnx.Conv):
         return conv_meta(module, name, inputs), CONV_ROWS
     if isinstance(module, nn.Dense | nnx.Linear):

@@ -30,10 +30,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 from tekfax.layers import leaf_names
-from tekfax.modules import LINEN_MODULES, NNX_MODULES, LayerMeta, Rows, describe
+from tekfax.modules import EMBEDS, LINEN_MODULES, NNX_MODULES, LayerMeta, Rows, describe
 
 __all__ = ["LayerMeta", "stat_dtype", "tag_layers"]
 
@@ -72,18 +73,21 @@ class _Tagger:
         self.probes = probes
         self.leaf_names = None if params is None else leaf_names(params)
         self.discovered: dict[str, _Discovered] = {}
+        self.tied: set[str] = set()  # embeddings also used as an output layer (``attend``)
         self._active: set[str] = set()
 
     def linen(self, next_fun, args, kwargs, context):
         """The ``flax.linen.intercept_methods`` interceptor."""
         module = context.module
+        if context.method_name == "attend" and isinstance(module, EMBEDS):
+            self.tied.add("/".join(module.scope.path))
         if context.method_name != "__call__" or not isinstance(module, LINEN_MODULES):
             return next_fun(*args, **kwargs)
         return self.call(module, "/".join(module.scope.path), next_fun, args, kwargs)
 
     def nnx_name(self, module: Any) -> str:
         """An NNX module's name: the path of its kernel in ``params``, without ``/kernel``."""
-        kernel = module.kernel.get_value()
+        kernel = (module.embedding if isinstance(module, EMBEDS) else module.kernel).get_value()
         name = None if self.leaf_names is None else self.leaf_names.get(id(kernel))
         if name is None:
             raise ValueError(
@@ -116,7 +120,11 @@ class _Tagger:
             # A subclass called super().__call__: the innermost level, the real layer whose
             # output is the pre-activation s = W a, is already tagged.
             return outputs
-        meta, rows = describe(module, name, args, kwargs, outputs)
+        untapped = self.probes is not None and name not in self.probes
+        described = describe(module, name, args, kwargs, outputs)
+        if described is None or (untapped and isinstance(module, EMBEDS)):
+            return outputs  # an embedding too large to tag, or tied to an output layer
+        meta, rows = described
         inputs, out_rows = rows.inputs(args[0] if args else kwargs["inputs"]), rows.outputs(outputs)
         self.discovered[name] = _Discovered(
             meta,
@@ -148,13 +156,20 @@ def _wrap_nnx_calls(tagger: _Tagger) -> Iterator[None]:
 
         return __call__
 
+    def attend(self, *args, **kwargs):
+        tagger.tied.add(tagger.nnx_name(self))
+        return original_attend(self, *args, **kwargs)
+
+    original_attend = nnx.Embed.__dict__["attend"]
     for cls, original in originals.items():
         cls.__call__ = wrap(original)
+    nnx.Embed.attend = attend
     try:
         yield
     finally:
         for cls, original in originals.items():
             cls.__call__ = original
+        nnx.Embed.attend = original_attend
 
 
 def stat_dtype(dtype: Any) -> jnp.dtype:
@@ -180,6 +195,7 @@ def tag_layers(
     layer's output and input rows, the layer's output gradient and input become the
     gradients of the probes. Enter it inside the traced function, never around ``init``.
     ``params``, the traced params tree, names NNX layers (Linen layers are named by scope).
+    An embedding also used as an output layer (``attend``, tied weights) is left out.
     NNX classes are patched while it is active, so do not trace two models at once in
     different threads.
 
@@ -199,3 +215,5 @@ def tag_layers(
     tagger = _Tagger(probes, params)
     with nn.intercept_methods(tagger.linen), _wrap_nnx_calls(tagger):
         yield tagger.discovered
+    for name in tagger.tied:  # a tied embedding is also an output layer: no block of its own
+        tagger.discovered.pop(name, None)

@@ -24,10 +24,19 @@ from importlib.metadata import version
 # XLA's newer CPU fusion emitters compile the suite's many tiny programs several times slower
 # than the classic ones, for the same arithmetic. Set before jax creates its CPU backend;
 # subprocesses started by the tests inherit it. XLA rejects flags it does not know, so the
-# flag is only set for the jaxlib releases it was measured on (0.9 and 0.10).
+# flag is only set for the jaxlib releases it was measured on (0.9 and 0.10). XLA's backend
+# optimisation (LLVM passes) is off as well, as in `jit` below: the suite compiles thousands
+# of tiny programs, also inside the tools it runs. No fast-math either way, but vectorisation
+# and FMA contraction differ between levels, so two equivalent programs can round differently:
+# the one test that compares two different programs bit for bit (tests/test_schedule.py)
+# compiles them at the default level, 2.
 if version("jaxlib").split(".")[:2] in (["0", "9"], ["0", "10"]):
     os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false"]
+        [
+            os.environ.get("XLA_FLAGS", ""),
+            "--xla_cpu_use_fusion_emitters=false",
+            "--xla_backend_optimization_level=0",
+        ]
     ).strip()
 
 import hypothesis  # noqa: E402

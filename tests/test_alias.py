@@ -373,14 +373,13 @@ class _MixedModel(nn.Module):
 
 
 UNTAGGED = (
-    ("Embed_0", "embedding"),
     ("BatchNorm_0", "scale"),
     ("BatchNorm_0", "bias"),
     ("scale",),
     ("_HandMadeLinear_0", "kernel"),
     ("_HandMadeLinear_0", "bias"),
 )
-TAGGED = (("Dense_0", "kernel"), ("Dense_0", "bias"))
+TAGGED = (("Dense_0", "kernel"), ("Dense_0", "bias"), ("Embed_0", "embedding"))
 
 
 @functools.cache
@@ -416,7 +415,7 @@ def _leaf(tree, path):
 @all_cases
 def test_parameters_outside_tagged_layers_pass_through(case):
     params, out = _mixed_data()
-    assert set(out.stats) == {"Dense_0"}
+    assert set(out.stats) == {"Dense_0", "Embed_0"}
     opt = _scale_by(case)
     p_grads, _ = jax.jit(opt.update)(out.grads, opt.init(params), params, stats=out.stats)
     for path in UNTAGGED:

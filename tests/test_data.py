@@ -321,3 +321,79 @@ def test_mnist5k_is_fixed_stratified_and_standardised(mnist5k):
     np.testing.assert_allclose(mnist5k.x_train.mean(), 0.0, atol=1e-4)
     np.testing.assert_allclose(mnist5k.x_train.std(), 1.0, atol=1e-4)
     assert "mnist5k" in data.DATASETS
+
+
+# --- tiny_shakespeare: characters of a tfds Text feature ------------------------------------
+
+
+def expected_windows(text, vocabulary, length):
+    """Consecutive windows of ids by a plain loop; characters outside vocabulary get its size."""
+    ids = [vocabulary.index(c) if c in vocabulary else len(vocabulary) for c in text]
+    starts = range(0, len(ids) - length, length)
+    x = [ids[s : s + length] for s in starts]
+    y = [ids[s + 1 : s + length + 1] for s in starts]
+    return np.array(x, np.int32).reshape(-1, length), np.array(y, np.int32).reshape(-1, length)
+
+
+def check_shakespeare(ds, texts):
+    """``ds`` holds the windows of the train and test texts over the train characters."""
+    vocabulary = "".join(sorted(set(texts["train"])))
+    unseen = set(texts["test"]) - set(vocabulary)
+    assert (ds.name, ds.vocabulary, ds.augment) == ("tiny_shakespeare", vocabulary, False)
+    assert ds.vocab_size == ds.num_classes == len(vocabulary) + bool(unseen)
+    assert ds.is_sequence and ds.input_shape == (data.TEXT_LENGTH,)
+    for x, y, split in ((ds.x_train, ds.y_train, "train"), (ds.x_test, ds.y_test, "test")):
+        want_x, want_y = expected_windows(texts[split], vocabulary, data.TEXT_LENGTH)
+        assert len(want_x) > 1 and x.dtype == y.dtype == np.int32
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(y, want_y)
+
+
+def test_tiny_shakespeare_under_the_mock(mock_tfds):
+    """tfds's mock: N_MOCK random strings per split, which it returns as str (files: bytes)."""
+    ds = data.load_dataset("tiny_shakespeare", data_dir="/unused/under/the/mock")
+    texts = {}
+    for split in ("train", "test"):
+        source = tfds.data_source(
+            "tiny_shakespeare",
+            split=split,
+            download=False,
+            builder_kwargs={"file_format": "array_record"},
+        )
+        assert len(source) == N_MOCK and isinstance(source[0]["text"], str)
+        texts[split] = "".join(source[i]["text"] for i in range(N_MOCK))
+    check_shakespeare(ds, texts)
+    assert "tiny_shakespeare" in data.DATASETS
+
+
+def test_tiny_shakespeare_from_real_array_record_files(tmp_path):
+    """Prepared files: one example per split, its text stored as bytes, read without TF."""
+    from tensorflow_datasets.datasets.tiny_shakespeare import (
+        tiny_shakespeare_dataset_builder as shakespeare,
+    )
+
+    texts = {
+        "train": 4 * "First Citizen:\nBefore we proceed any further, hear me speak.\n",
+        "validation": "All:\nSpeak, speak.\n",
+        "test": 3 * "First Citizen:\nYou are all resolved rather to die than to famish?\n",
+    }
+
+    class TinyShakespeare(shakespeare.Builder, skip_registration=True):
+        """tiny_shakespeare's builder writing the texts above instead of downloading."""
+
+        name = "tiny_shakespeare"
+
+        def _info(self):  # the parent reads metadata files next to its own module
+            features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {split: self._generate_examples(split, text) for split, text in texts.items()}
+
+    TinyShakespeare(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    ds = data.load_dataset("tiny_shakespeare", data_dir=str(tmp_path))
+    assert "tensorflow" not in sys.modules
+    check_shakespeare(ds, texts)
+    assert len(set(texts["test"]) - set(texts["train"])) > 0  # '?', 'Y', ...: one unknown id
+    assert ds.vocab_size == len(ds.vocabulary) + 1 and ds.vocab_size - 1 in ds.x_test

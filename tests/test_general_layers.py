@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import tekfax
-from tests.conftest import CASES, jit, make_optimizer
+from tests.conftest import jit, make_optimizer
 
 N, L, D, H, K, C = 6, 5, 4, 2, 3, 3
 F64 = {"param_dtype": jnp.float64}
@@ -84,7 +84,9 @@ def _train(model, params, case, fisher, steps=3, **overrides):
 
 
 @pytest.mark.parametrize(
-    "case, fisher", [(case, "sampled") for case in CASES] + [("kfac", "empirical")]
+    "case, fisher",
+    [("kfac", "sampled"), ("ekfac", "sampled"), ("tkfac-nu", "sampled")]
+    + [("tekfac", "sampled"), ("kfac", "empirical")],
 )
 def test_dense_general_equals_dense_with_reshaped_kernel(x64, case, fisher):
     params = _General().init(jax.random.key(0), _data()[0])["params"]
@@ -97,12 +99,12 @@ def test_dense_general_equals_dense_with_reshaped_kernel(x64, case, fisher):
 
 
 class _Einsums(nn.Module):
-    """Einsum forms: a permuted input (contracting axis 1) and a permuted output."""
+    """A DenseGeneral contracting the middle axis, and an Einsum with a permuted output."""
 
     @nn.compact
     def __call__(self, x):  # x: (N, L, D)
         xt = jnp.swapaxes(x, 1, 2)  # (N, D, L): contracted axis in the middle
-        h = nn.Einsum((D, H * K), "ndl,dk->nlk", name="a", **F64)(xt)
+        h = nn.DenseGeneral(H * K, axis=1, name="a", **F64)(xt)  # (N, L, H K)
         h = nn.Einsum((H * K, D), "nlk,kd->ldn", name="b", **F64)(jnp.tanh(h))
         h = jnp.transpose(h, (2, 0, 1))  # back to (N, L, D)
         return nn.Dense(C, name="head", **F64)(jnp.tanh(h).mean(axis=1))
@@ -116,8 +118,8 @@ class _EinsumTwin(nn.Module):
         return nn.Dense(C, name="head", **F64)(jnp.tanh(h).mean(axis=1))
 
 
-@pytest.mark.parametrize("case", ["kfac", "tekfac"])
-def test_einsum_with_permuted_axes_equals_dense(x64, case):
+@pytest.mark.parametrize("case", ["tekfac"])
+def test_permuted_feature_axes_equal_dense(x64, case):
     params = _Einsums().init(jax.random.key(0), _data()[0])["params"]
     got = _train(_Einsums(), params, case, "sampled")
     want = _train(_EinsumTwin(), params, case, "sampled")
@@ -215,6 +217,92 @@ def test_bias_free_kernels_need_layer_dims(x64):
         make_optimizer("kfac", layer_dims={"nowhere": (1, 1)}).init(params)
 
 
+class _Embedded(nn.Module):
+    """A token embedding, written as ``nn.Embed`` or as a bias-free Dense on one-hot rows."""
+
+    one_hot: bool = False
+
+    @nn.compact
+    def __call__(self, tokens):
+        if self.one_hot:
+            rows = jax.nn.one_hot(tokens, 11, dtype=jnp.float64)
+            h = nn.Dense(D, use_bias=False, name="emb", **F64)(rows)
+        else:
+            h = nn.Embed(11, D, name="emb", **F64)(tokens)
+        return nn.Dense(C, name="head", **F64)(jnp.tanh(h).mean(axis=1))
+
+
+def _tokens():
+    return jax.random.randint(jax.random.key(4), (N, L), 0, 11)
+
+
+def _train_tokens(model, params, case):
+    tokens, y = _tokens(), jnp.arange(N) % C
+    opt = make_optimizer(case)
+
+    @jit
+    def step(params, opt_state, key):
+        out = tekfax.loss_and_curvature(
+            lambda p: model.apply({"params": p}, tokens), params, y, rng=key
+        )
+        updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+        return jax.tree.map(jnp.add, params, updates), opt_state, updates
+
+    opt_state, history = opt.init(params), []
+    for i in range(3):
+        params, opt_state, updates = step(params, opt_state, jax.random.key(20 + i))
+        history.append(updates)
+    return history
+
+
+@pytest.mark.parametrize("case", ["kfac", "tekfac"])
+def test_embedding_equals_dense_on_one_hot_rows(x64, case):
+    """An nn.Embed is a Kronecker block whose input factor is diag(token frequencies)."""
+    params = _Embedded().init(jax.random.key(0), _tokens())["params"]
+    dense = {"emb": {"kernel": params["emb"]["embedding"]}, "head": params["head"]}
+    got = _train_tokens(_Embedded(), params, case)
+    want = _train_tokens(_Embedded(one_hot=True), dense, case)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(
+            g["emb"]["embedding"], w["emb"]["kernel"], rtol=1e-10, atol=1e-14
+        )
+        np.testing.assert_allclose(g["head"]["kernel"], w["head"]["kernel"], rtol=1e-10, atol=1e-14)
+    out = tekfax.loss_and_curvature(
+        lambda p: _Embedded().apply({"params": p}, _tokens()),
+        params,
+        jnp.arange(N) % C,
+        fisher="empirical",
+    )
+    a = tekfax.patches.input_matrix(out.stats["emb"].inputs, out.stats["emb"].meta)
+    counts = np.bincount(np.asarray(_tokens()).ravel(), minlength=11) / (N * L)
+    np.testing.assert_allclose(np.einsum("ntv,ntw->vw", a, a) / (N * L), np.diag(counts))
+
+
+class _Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(11, D)
+        h = nn.Dense(D)(jnp.tanh(embed(tokens)).mean(axis=1))
+        return embed.attend(h)
+
+
+def test_tied_and_large_embeddings_pass_through(monkeypatch):
+    tokens = _tokens()
+    params = _Tied().init(jax.random.key(0), tokens)["params"]
+    untagged = tekfax.diagnostics.unpreconditioned(
+        lambda p: _Tied().apply({"params": p}, tokens), params
+    )
+    assert untagged == ["Embed_0/embedding"]
+    monkeypatch.setattr(tekfax.modules, "MAX_EMBED_VOCAB", 10)
+    params = _Embedded().init(jax.random.key(0), tokens)["params"]
+    model = _Embedded()
+    assert tekfax.diagnostics.unpreconditioned(
+        lambda p: model.apply({"params": p}, tokens), params
+    ) == ["emb/embedding"]
+    state = tekfax.kronecker.find_kronecker_state(make_optimizer("kfac").init(params))
+    assert sorted(state.layers) == ["head"]
+
+
 class _Partly(nn.Module):
     @nn.compact
     def __call__(self, tokens):
@@ -230,7 +318,7 @@ def test_unpreconditioned_params_are_listed_and_logged_once(caplog, monkeypatch)
     def logits_fn(p):
         return _Partly().apply({"params": p}, tokens)
 
-    expected = ["Embed_0/embedding", "LayerNorm_0/bias", "LayerNorm_0/scale"]
+    expected = ["LayerNorm_0/bias", "LayerNorm_0/scale"]
     assert tekfax.diagnostics.unpreconditioned(logits_fn, params) == expected
     y = jnp.zeros(N, jnp.int32)
     with caplog.at_level(logging.WARNING, logger="tekfax"):
@@ -238,3 +326,50 @@ def test_unpreconditioned_params_are_listed_and_logged_once(caplog, monkeypatch)
             tekfax.loss_and_curvature(logits_fn, params, y, fisher="empirical")
     logged = [r.getMessage() for r in caplog.records if r.name == "tekfax"]
     assert len(logged) == 1 and all(name in logged[0] for name in expected)
+
+
+class _Batchless(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        shared = nn.Dense(D, name="shared")(jnp.ones((L, D)))  # no batch axis
+        return nn.Dense(C)((x + shared).mean(axis=1))
+
+
+def test_a_layer_without_the_batch_axis_raises():
+    """Its gradient sums over the examples: it has no per-example statistics."""
+    x = _data()[0].astype(jnp.float32)
+    with pytest.raises(ValueError, match="layer 'inner/shared' got an input of shape \\(5, 4\\)"):
+        _capture(_Batchless(), x, fisher="empirical")
+
+
+def test_nnx_attention_projections_are_tagged_and_exact(x64):
+    """nnx.MultiHeadAttention's LinearGeneral projections: grad W = (1/N) sum a u^T."""
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = nnx.MultiHeadAttention(
+                num_heads=H,
+                in_features=D,
+                qkv_features=H * K,
+                decode=False,
+                rngs=rngs,
+                param_dtype=jnp.float64,
+            )
+            self.head = nnx.Linear(D, C, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, x):
+            return self.head(self.attn(x, mask=nn.make_causal_mask(x[..., 0])).mean(axis=1))
+
+    x, y = _data()
+    graphdef, params, rest = nnx.split(Model(nnx.Rngs(0)), nnx.Param, ...)
+    out = tekfax.loss_and_curvature(
+        lambda p: nnx.merge(graphdef, p, rest)(x), params, y, fisher="empirical"
+    )
+    assert sorted(out.stats["attn"]) == ["key", "out", "query", "value"]
+    for name, st in out.stats["attn"].items():
+        a = np.asarray(tekfax.patches.input_matrix(st.inputs, st.meta))
+        u = np.asarray(tekfax.patches.output_matrix(st.out_grads))[0]
+        layer = {k: v[...] for k, v in out.grads["attn"][name].items()}
+        grad = tekfax.patches.grad_matrix(layer, jnp.float64)
+        np.testing.assert_allclose(grad, np.einsum("ntd,nte->de", a, u) / N, rtol=1e-12, atol=1e-15)

@@ -1,5 +1,7 @@
 """Datasets of the experiments (docs/algorithms.md, section 7), as in-memory NumPy arrays.
 
+Images:
+
 * ``"digits"``: scikit-learn's 8x8 digits (bundled, no download), a fixed stratified 80/20
   train/test split (``random_state=0``), no augmentation.
 * ``"mnist5k"``: the 5,000 real 28x28 MNIST images (500 per class) that
@@ -15,11 +17,26 @@ Images are float32 NHWC and labels int32. Pixels are scaled to [0, 1] (digits di
 the others by 255), then standardised per channel with the mean and standard deviation of
 the training split (digits has one channel, so one mean and one std). The stored ``mean`` and
 ``std`` undo this (:meth:`Dataset.unnormalize`), e.g. for the auto-encoder's targets.
+
+Token sequences, for the sequence models (next-token prediction): inputs ``x`` and targets
+``y`` are int32 (N, L) with ``y[:, t] = x[:, t + 1]`` (the targets run one token past the
+inputs), and ``vocab_size`` is set.
+
+* ``"progressions"`` (built in, no download; :func:`progressions`): arithmetic progressions
+  mod V, ``s_t = (a + t b) mod V``, with V = 32 and L = 16: the 1,024 progressions, 256 of
+  them held out for testing. Only the first target, s_1, is unpredictable; every later token
+  follows from the first two, so a model must attend to earlier positions.
+* ``"tiny_shakespeare"``: tensorflow_datasets' character-level Shakespeare, read with
+  ``data_source`` from prepared array_record files like the tfds image datasets; the
+  vocabulary is the characters of the training text (plus one id for test characters
+  missing from it, if any) and the examples are consecutive windows of :data:`TEXT_LENGTH`
+  characters (:func:`char_windows`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,8 +49,15 @@ _TFDS_DATASETS = {  # name -> (num_classes, augment)
     "svhn_cropped": (10, False),
 }
 _BUNDLED = ("digits", "mnist5k")
-DATASETS = (*_BUNDLED, *_TFDS_DATASETS)
+IMAGE_DATASETS = (*_BUNDLED, *_TFDS_DATASETS)
+SEQUENCE_DATASETS = ("progressions", "tiny_shakespeare")
+DATASETS = (*IMAGE_DATASETS, *SEQUENCE_DATASETS)
 _READ_CHUNK = 4096
+# The progressions task: vocabulary V, length L, and the (a, b) pairs held out for testing.
+PROGRESSION_VOCAB = 32
+PROGRESSION_LENGTH = 16
+PROGRESSION_TEST = 256
+TEXT_LENGTH = 64
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -46,11 +70,15 @@ class Dataset:
 
     Attributes:
       name: the dataset's name.
-      x_train, x_test: float32 images, (N, H, W, C), standardised per channel.
-      y_train, y_test: int32 labels, (N,).
-      num_classes: the number of classes.
+      x_train, x_test: float32 images, (N, H, W, C), standardised per channel; or int32
+        tokens, (N, L), for a sequence dataset.
+      y_train, y_test: int32 labels, (N,); or int32 next tokens, (N, L).
+      num_classes: the number of classes (of a sequence dataset: its vocabulary size).
       augment: whether training uses random crops and flips (:func:`iterate_batches`).
       mean, std: per-channel statistics of the [0, 1]-scaled training images.
+      vocab_size: the number of token ids of a sequence dataset; None for images.
+      vocabulary: the character of each token id of a text dataset, else None.
+      irreducible_loss: the smallest expected test loss per token, when it is known.
     """
 
     name: str
@@ -62,11 +90,19 @@ class Dataset:
     augment: bool
     mean: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, np.float32))
     std: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1, np.float32))
+    vocab_size: int | None = None
+    vocabulary: str | None = None
+    irreducible_loss: float | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one example, (H, W, C)."""
+        """Shape of one example, (H, W, C), or (L,) for token sequences."""
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_sequence(self) -> bool:
+        """Whether the examples are token sequences with next-token targets."""
+        return self.vocab_size is not None
 
     def unnormalize(self, x: np.ndarray) -> np.ndarray:
         """Maps standardised images back to the [0, 1] pixel scale."""
@@ -142,18 +178,18 @@ def _read_all(source: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, np.int32)
 
 
-def _load_tfds(name: str, data_dir: str | None) -> Dataset:
+def _tfds_sources(name: str, data_dir: str | None, splits: tuple[str, ...]) -> list:
+    """The array_record data sources of ``splits``; DatasetNotPreparedError if missing."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
         raise ImportError(
             f"dataset {name!r} needs tensorflow-datasets: pip install 'tekfax[data]'."
         ) from err
-    num_classes, augment = _TFDS_DATASETS[name]
     try:
-        train, test = tfds.data_source(
+        return tfds.data_source(
             name,
-            split=["train", "test"],
+            split=list(splits),
             data_dir=data_dir,
             download=False,
             builder_kwargs={"file_format": "array_record"},
@@ -164,6 +200,11 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
             f"dataset {name!r} is not prepared in {where} ({type(err).__name__}: {err}).\n"
             + _prepare_instructions(name)
         ) from err
+
+
+def _load_tfds(name: str, data_dir: str | None) -> Dataset:
+    num_classes, augment = _TFDS_DATASETS[name]
+    train, test = _tfds_sources(name, data_dir, ("train", "test"))
     x_train, y_train = _read_all(train)
     x_test, y_test = _read_all(test)
     x_train, x_test, mean, std = _standardise(
@@ -172,14 +213,128 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
     return Dataset(name, x_train, y_train, x_test, y_test, num_classes, augment, mean, std)
 
 
+def progressions(
+    vocab_size: int = PROGRESSION_VOCAB,
+    length: int = PROGRESSION_LENGTH,
+    num_test: int = PROGRESSION_TEST,
+    seed: int = 0,
+) -> Dataset:
+    """Arithmetic progressions mod V, ``s_t = (a + t b) mod V``: one sequence per pair (a, b).
+
+    Each of the V^2 pairs in Z_V x Z_V gives ``s_0 .. s_L``; the inputs are ``s_0 .. s_{L-1}``
+    and the targets ``s_1 .. s_L``. With only V^2 distinct progressions the split is over
+    pairs: a permutation of the pairs drawn with ``seed`` puts its first ``num_test`` in the
+    test split and the rest, in that order, in the training split. No test progression is
+    trained on, so the test measures whether the model learned the rule, not memorised
+    sequences (the rule can be learned from training pairs: each transition occurs there at
+    other positions).
+
+    Irreducible loss: given ``s_0 = a``, the first target ``s_1 = a + b`` is uniform over
+    Z_V (b is uniform and independent of a), log V nats; every later target is determined by
+    the two before it, ``s_{t+1} = 2 s_t - s_{t-1} mod V``, so a model must attend to earlier
+    positions. Per token that is ``log(V) / L`` (0.2166 nats for V = 32, L = 16, stored as
+    ``irreducible_loss``), and the best token accuracy is ``(L - 1 + 1 / V) / L`` (93.95%).
+
+    Example:
+      >>> from tekfax.experiments.data import progressions
+      >>> ds = progressions(vocab_size=7, length=5, num_test=9)
+      >>> ds.x_train.shape, ds.y_test.shape, ds.vocab_size
+      ((40, 5), (9, 5), 7)
+      >>> x, y = ds.x_train[0], ds.y_train[0]
+      >>> bool(((y[1:] - 2 * x[1:] + x[:-1]) % 7 == 0).all())  # s_{t+1} = 2 s_t - s_{t-1}
+      True
+    """
+    if vocab_size < 2 or length < 2:
+        raise ValueError(f"need vocab_size >= 2 and length >= 2, got {vocab_size}, {length}.")
+    if not 0 < num_test < vocab_size**2:
+        raise ValueError(f"num_test must be in (0, {vocab_size**2}), got {num_test}.")
+    pairs = np.random.default_rng(seed).permutation(vocab_size**2)
+    a, b = pairs // vocab_size, pairs % vocab_size
+    tokens = ((a[:, None] + np.arange(length + 1) * b[:, None]) % vocab_size).astype(np.int32)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    floor = math.log(vocab_size) / length
+    return Dataset(
+        "progressions",
+        x[num_test:],
+        y[num_test:],
+        x[:num_test],
+        y[:num_test],
+        vocab_size,
+        False,
+        vocab_size=vocab_size,
+        irreducible_loss=floor,
+    )
+
+
+def char_windows(text: str, vocabulary: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive windows of ``text`` as int32 token ids: inputs and next-character targets.
+
+    Window i reads ``text[i L : i L + L]`` and its targets ``text[i L + 1 : i L + L + 1]``;
+    the windows that would run past the text's end are dropped. Character c has id
+    ``vocabulary.index(c)``, and a character not in ``vocabulary`` the id
+    ``len(vocabulary)``.
+
+    Example:
+      >>> from tekfax.experiments.data import char_windows
+      >>> x, y = char_windows("abcabca!", "abc", 3)
+      >>> x.tolist(), y.tolist()
+      ([[0, 1, 2], [0, 1, 2]], [[1, 2, 0], [1, 2, 0]])
+      >>> char_windows("ab!ba", "ab", 2)[0].tolist()  # '!' is not in the vocabulary
+      [[0, 1], [2, 1]]
+    """
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    known = np.frombuffer(vocabulary.encode("utf-32-le"), np.uint32)
+    table = np.full(int(max(codes.max(initial=0), known.max(initial=0))) + 1, len(known), np.int32)
+    table[known] = np.arange(len(known), dtype=np.int32)
+    ids = table[codes]
+    count = max(0, (len(ids) - 1) // length)
+    starts = np.arange(count)[:, None] * length + np.arange(length)
+    return ids[starts], ids[starts + 1]
+
+
+def _as_text(value: Any) -> str:
+    """A tfds Text feature: bytes from prepared files (str under tfds's mock), as str."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _read_text(source: Any) -> str:
+    """The examples' ``text`` of a tfds data source, in order, joined (one example per split)."""
+    return "".join(_as_text(source[i]["text"]) for i in range(len(source)))
+
+
+def _load_tiny_shakespeare(data_dir: str | None, length: int = TEXT_LENGTH) -> Dataset:
+    """tfds tiny_shakespeare as :func:`char_windows` of its train and test text."""
+    train, test = _tfds_sources("tiny_shakespeare", data_dir, ("train", "test"))
+    train_text, test_text = _read_text(train), _read_text(test)
+    vocabulary = "".join(sorted(set(train_text)))
+    x_train, y_train = char_windows(train_text, vocabulary, length)
+    x_test, y_test = char_windows(test_text, vocabulary, length)
+    # an id for the test characters the training text lacks, only when there are any
+    vocab_size = len(vocabulary) + int(bool(set(test_text) - set(vocabulary)))
+    return Dataset(
+        "tiny_shakespeare",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        vocab_size,
+        False,
+        vocab_size=vocab_size,
+        vocabulary=vocabulary,
+    )
+
+
 def load_dataset(name: str = "digits", data_dir: str | None = None) -> Dataset:
     """Loads dataset ``name`` (one of ``DATASETS``) into memory; see the module docstring.
 
     Args:
-      name: ``"digits"``, ``"mnist5k"``, ``"cifar10"``, ``"cifar100"`` or
-        ``"svhn_cropped"``.
-      data_dir: the tensorflow_datasets data directory (ignored for digits and mnist5k); None means
-        tfds's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+      name: ``"digits"``, ``"mnist5k"``, ``"cifar10"``, ``"cifar100"``, ``"svhn_cropped"``,
+        ``"progressions"`` or ``"tiny_shakespeare"``.
+      data_dir: the tensorflow_datasets data directory (ignored for digits, mnist5k and
+        progressions); None means tfds's default (``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``).
 
     Raises:
       ValueError: for an unknown name.
@@ -196,6 +351,10 @@ def load_dataset(name: str = "digits", data_dir: str | None = None) -> Dataset:
         return _load_digits()
     if name == "mnist5k":
         return _load_mnist5k()
+    if name == "progressions":
+        return progressions()
+    if name == "tiny_shakespeare":
+        return _load_tiny_shakespeare(data_dir)
     if name not in _TFDS_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     return _load_tfds(name, data_dir)
@@ -204,7 +363,8 @@ def load_dataset(name: str = "digits", data_dir: str | None = None) -> Dataset:
 def train_val_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Holds out a stratified ``fraction`` of the training split for model selection.
 
-    scikit-learn's ``train_test_split(..., stratify=labels, random_state=seed)`` holds out
+    A sequence dataset holds out ``round(fraction * N)`` random sequences (no strata).
+    Otherwise scikit-learn's ``train_test_split(..., stratify=labels, random_state=seed)`` holds out
     the sum over classes of ``round(fraction * n_class)`` examples, spread over the classes in
     proportion to their sizes (each class keeps ``fraction`` of its examples, to within one).
     The test split takes no part, so selection never sees it.
@@ -219,10 +379,13 @@ def train_val_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, D
 
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
-    per_class = np.unique(ds.y_train, return_counts=True)[1]
-    held_out = int(np.sum(np.round(fraction * per_class)))
+    if ds.is_sequence:
+        held_out, strata = max(1, round(fraction * len(ds.x_train))), None
+    else:
+        per_class = np.unique(ds.y_train, return_counts=True)[1]
+        held_out, strata = int(np.sum(np.round(fraction * per_class))), ds.y_train
     x_fit, x_val, y_fit, y_val = train_test_split(
-        ds.x_train, ds.y_train, test_size=held_out, stratify=ds.y_train, random_state=seed
+        ds.x_train, ds.y_train, test_size=held_out, stratify=strata, random_state=seed
     )
     train = dataclasses.replace(ds, x_train=x_fit, y_train=y_fit, x_test=x_val, y_test=y_val)
     val = dataclasses.replace(ds, x_train=x_val, y_train=y_val, x_test=x_val, y_test=y_val)

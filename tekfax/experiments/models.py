@@ -1,16 +1,26 @@
 """Flax Linen models of the KFAC/TKFAC/TEKFAC experiments (docs/algorithms.md, sections 7 and 8).
 
-Every model is called as ``model.apply(variables, x, train=...)`` on NHWC images (the MLP and
-the auto-encoder flatten them) and returns logits. Weight layers are only ``nn.Dense`` and
-``nn.Conv``, each called once, so :func:`tekfax.tag_layers` tags all of them. BatchNorm
-models keep running statistics in the ``batch_stats`` collection and use them when
-``train=False``; their BatchNorm momentum is 0.9, PyTorch's 0.1.
+Every image model (:data:`MODELS`) is called as ``model.apply(variables, x, train=...)`` on
+NHWC images (the MLP and the auto-encoder flatten them) and returns logits. Weight layers are
+only ``nn.Dense`` and ``nn.Conv``, each called once, so :func:`tekfax.tag_layers` tags all of
+them. BatchNorm models keep running statistics in the ``batch_stats`` collection and use them
+when ``train=False``; their BatchNorm momentum is 0.9, PyTorch's 0.1.
+
+The sequence models (:data:`SEQUENCE_MODELS`) are a small decoder-only :class:`Transformer`
+on int32 tokens (N, L), giving next-token logits (N, L, V). Its MLP and head are
+``nn.Dense`` layers applied at every position (tekfax treats the positions as extra rows,
+docs/algorithms.md, section 1); its attention projections are ``nn.DenseGeneral`` and its
+token embedding an ``nn.Embed``, or with ``"transformer-onehot"`` the same map written as an
+``nn.Dense`` on one-hot tokens: tekfax tags all of them (section 10) and gives the two
+embeddings the same block. The learned positions, looked up without a batch axis, pass
+through.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -166,6 +176,90 @@ class VGG16(nn.Module):
         return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
 
 
+# nn.Embed's initialiser: N(0, 1 / features) per entry of the (vocabulary, features) table.
+_EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+EMBEDDINGS = ("lookup", "one_hot")
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LayerNorm decoder block: ``h + attention(LN(h))``, then ``h + MLP(LN(h))``.
+
+    The attention is ``nn.MultiHeadDotProductAttention`` (self-attention, biases on, no
+    dropout) under ``mask``; the MLP is ``Dense(mlp_ratio * d) -> GELU -> Dense(d)``.
+    """
+
+    num_heads: int
+    mlp_ratio: int = 4
+
+    @nn.compact
+    def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
+        d = h.shape[-1]
+        attention = nn.MultiHeadDotProductAttention(self.num_heads, use_bias=True, name="attention")
+        h = h + attention(nn.LayerNorm()(h), mask=mask, deterministic=True)
+        y = nn.gelu(nn.Dense(self.mlp_ratio * d, name="mlp_in")(nn.LayerNorm()(h)))
+        return h + nn.Dense(d, name="mlp_out")(y)
+
+
+class Transformer(nn.Module):
+    """Small decoder-only (GPT-style) transformer: int32 tokens (N, L) -> logits (N, L, V).
+
+    Token embedding plus a learned positional embedding (``nn.Embed`` over positions),
+    ``num_layers`` causal :class:`DecoderBlock`, a final LayerNorm and an ``nn.Dense(V)`` head
+    (no weight tying: tekfax refuses shared weights). Position t only sees tokens 0..t.
+    The defaults (d 64, one layer of 4 heads, 55k parameters for V = 32) keep the default
+    ``tekfax-compare --model transformer`` within about two minutes on 2 CPU cores: compiling
+    a Kronecker optimizer's step takes about twice as long with two layers.
+
+    ``embedding="lookup"`` embeds with ``nn.Embed``, which tekfax does not tag (its gradient
+    passes through the Kronecker optimizers unpreconditioned, like LayerNorm scales).
+    ``embedding="one_hot"`` is the same function, ``nn.Dense(d, use_bias=False)`` on
+    ``jax.nn.one_hot(tokens, V)``, which tekfax tags: the embedding gets a Kronecker block whose
+    input factor is the diagonal of the token frequencies. Both name the table ``token_embed``
+    and draw it from the same distribution with the same key, so they also initialise
+    identically (``embedding`` in one, ``kernel`` in the other).
+
+    Example:
+      >>> from tekfax.experiments.models import Transformer
+      >>> net = Transformer(vocab_size=16, max_len=8, d_model=32, num_layers=1, num_heads=2)
+      >>> tokens = jnp.zeros((3, 8), jnp.int32)
+      >>> variables = net.init(jax.random.key(0), tokens)
+      >>> net.apply(variables, tokens).shape
+      (3, 8, 16)
+    """
+
+    vocab_size: int
+    max_len: int
+    d_model: int = 64
+    num_layers: int = 1
+    num_heads: int = 4
+    mlp_ratio: int = 4
+    embedding: str = "lookup"
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = True) -> jax.Array:
+        del train
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}.")
+        length = tokens.shape[-1]
+        if length > self.max_len:
+            raise ValueError(f"{length} tokens exceed max_len {self.max_len}.")
+        if self.embedding == "lookup":
+            embed = nn.Embed(self.vocab_size, self.d_model, name="token_embed")
+            h = embed(tokens)
+        else:
+            one_hot = jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32)
+            dense = nn.Dense(
+                self.d_model, use_bias=False, kernel_init=_EMBED_INIT, name="token_embed"
+            )
+            h = dense(one_hot)
+        h = h + nn.Embed(self.max_len, self.d_model, name="pos_embed")(jnp.arange(length))
+        mask = nn.make_causal_mask(tokens)
+        for i in range(self.num_layers):
+            h = DecoderBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}")(h, mask)
+        h = nn.LayerNorm(name="final_norm")(h)
+        return nn.Dense(self.vocab_size, name="head")(h)
+
+
 MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "autoencoder": Autoencoder,
@@ -173,16 +267,47 @@ MODELS: dict[str, type[nn.Module]] = {
     "resnet20": ResNet20,
     "vgg16": VGG16,
 }
+# Models of token sequences: name -> constructor(vocab_size=..., max_len=...).
+SEQUENCE_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "transformer": Transformer,
+    "transformer-onehot": functools.partial(Transformer, embedding="one_hot"),
+}
+ALL_MODELS = (*MODELS, *SEQUENCE_MODELS)
+
+
+def is_sequence_model(name: str) -> bool:
+    """Whether model ``name`` reads int32 token sequences (N, L) rather than images.
+
+    Example:
+      >>> from tekfax.experiments.models import is_sequence_model
+      >>> is_sequence_model("transformer"), is_sequence_model("cnn")
+      (True, False)
+    """
+    return name in SEQUENCE_MODELS
+
+
+def _check_name(name: str) -> None:
+    if name not in MODELS and name not in SEQUENCE_MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ALL_MODELS)}.")
 
 
 def create_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """Builds model ``name`` for per-example inputs of ``input_shape`` (no batch axis).
 
     The auto-encoder ignores ``num_classes``: its output size is ``prod(input_shape)`` and its
-    widths follow :func:`autoencoder_sizes`.
+    widths follow :func:`autoencoder_sizes`. A sequence model takes ``num_classes`` as its
+    vocabulary size and ``input_shape == (L,)`` as its maximum length.
+
+    Example:
+      >>> from tekfax.experiments.models import create_model
+      >>> net = create_model("transformer-onehot", 16, (12,))
+      >>> net.vocab_size, net.max_len, net.embedding
+      (16, 12, 'one_hot')
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+    _check_name(name)
+    if name in SEQUENCE_MODELS:
+        (length,) = input_shape
+        return SEQUENCE_MODELS[name](vocab_size=num_classes, max_len=length)
     if name == "autoencoder":
         input_dim = math.prod(input_shape)
         return Autoencoder(input_dim=input_dim, sizes=autoencoder_sizes(input_dim))
@@ -193,14 +318,18 @@ def model_loss(name: str) -> str:
     """The tekfax loss name of model ``name``.
 
     ``"sigmoid_binary_cross_entropy"`` for the auto-encoder, whose targets are its flattened
-    inputs in [0, 1] (see ``Dataset.unnormalize``); ``"softmax_cross_entropy"`` otherwise.
+    inputs in [0, 1] (see ``Dataset.unnormalize``); ``"softmax_cross_entropy"`` otherwise
+    (for the sequence models on (N, L, V) logits and (N, L) next-token targets).
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+    _check_name(name)
     return "sigmoid_binary_cross_entropy" if name == "autoencoder" else "softmax_cross_entropy"
 
 
 def init_variables(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array) -> dict:
-    """Initial variables: ``{"params": ...}`` plus ``"batch_stats"`` for BatchNorm models."""
+    """Initial variables: ``{"params": ...}`` plus ``"batch_stats"`` for BatchNorm models.
+
+    Images are float32; a :class:`Transformer` gets int32 tokens.
+    """
     init = jax.jit(model.init, static_argnames="train")
-    return dict(init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False))
+    dtype = jnp.int32 if isinstance(model, Transformer) else jnp.float32
+    return dict(init(rng, jnp.zeros((1, *input_shape), dtype), train=False))

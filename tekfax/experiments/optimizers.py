@@ -6,8 +6,8 @@ trace-adaptive damping ``nu``) and ``tekfac``. Hyperparameters are split in two:
 
 * numeric ones (``learning_rate``, ``damping``, ``nu``, ``momentum``) are passed to the
   jitted train step as arrays, so one compilation serves every grid candidate and seed;
-* static ones (``eigen_every``, ``curvature_every``, ``rescale_every``, ``fisher``) shape the
-  compiled program.
+* static ones (``eigen_every``, ``curvature_every``, ``rescale_every``, ``fisher``,
+  ``positions``) shape the compiled program.
 
 Defaults: the library's wherever it has one (momentum, damping, the intervals, ``fisher``:
 read from the presets' signatures, so they cannot drift). The library has none for the
@@ -44,7 +44,7 @@ DISPLAY_NAMES = {
     "tekfac": "TEKFAC",
 }
 NUMERIC = ("learning_rate", "damping", "nu", "momentum")
-STATIC = ("eigen_every", "curvature_every", "rescale_every", "fisher")
+STATIC = ("eigen_every", "curvature_every", "rescale_every", "fisher", "positions")
 FISHER = ("sampled", "empirical")
 
 # The papers' grids (docs/algorithms.md, section 7); ``--grid`` picks neighbours from them.
@@ -97,6 +97,7 @@ FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "curvature-every": ("curvature_every", int),
     "rescale-every": ("rescale_every", int),
     "fisher": ("fisher", str),
+    "positions": ("positions", str),
 }
 
 
@@ -192,6 +193,10 @@ def check(name: str, hparams: Mapping[str, Any]) -> None:
             raise HyperparameterError(f"{name}: {key} must be >= 1, got {hparams[key]}.")
     if "fisher" in hparams and hparams["fisher"] not in FISHER:
         raise HyperparameterError(f"{name}: fisher must be one of {', '.join(FISHER)}.")
+    if "positions" in hparams and hparams["positions"] not in tekfax.curvature.POSITIONS:
+        raise HyperparameterError(
+            f"{name}: positions must be one of {', '.join(tekfax.curvature.POSITIONS)}."
+        )
 
 
 def split(hparams: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
@@ -220,6 +225,7 @@ def make_optimizer(
         return tekfax.eadam(lr)
     factory = getattr(tekfax, KRONECKER[name])
     kwargs = {k: static[k] for k in ("eigen_every", "curvature_every", "rescale_every")}
+    kwargs["positions"] = static.get("positions", library_default("positions"))
     return factory(
         lr,
         damping=numeric.get("damping"),

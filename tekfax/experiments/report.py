@@ -4,6 +4,9 @@ Timing conventions: ``epoch_seconds`` is the training time of one epoch (compila
 and timed before the first epoch, evaluation is timed apart as ``eval_seconds``);
 ``cumulative_seconds`` adds the epochs' training times, and "seconds to target" reads it at the
 first epoch whose test metric reaches the target.
+
+Sequence tasks: losses are nats per token and accuracies token accuracies (see
+:mod:`tekfax.experiments.train`); their table adds the final test loss next to the accuracy.
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ def summarize(
     """Per optimizer: final test metric mean/std over seeds, time per epoch, time to target.
 
     Mean and std (sample standard deviation, ddof 1; 0 for one seed) are over the seeds
-    that did not diverge; ``diverged`` counts the others.
+    that did not diverge; ``diverged`` counts the others. ``test_loss`` is the mean final
+    test loss over the same seeds (NaN when the records have none).
     """
     key, higher = metric_of(classification)
     summary = {}
@@ -175,12 +179,19 @@ def summarize(
                 hit = _first_reaching(run["records"], key, target, higher)
                 if hit is not None:
                     reached.append((hit["epoch"], hit["cumulative_seconds"]))
-        ok = finals[np.isfinite(finals) & ~np.array([bool(r.get("diverged")) for r in mine])]
+        healthy = np.isfinite(finals) & ~np.array([bool(r.get("diverged")) for r in mine])
+        ok = finals[healthy]
+        test_losses = [
+            run["records"][-1].get("test_loss") if run["records"] else None for run in mine
+        ]
+        test_losses = np.array([math.nan if v is None else v for v in test_losses], np.float64)
+        test_losses = test_losses[healthy]
         summary[name] = {
             "metric": key,
             "seeds": len(mine),
             "final": finals.tolist(),
             "mean": float(np.mean(ok)) if len(ok) else math.nan,
+            "test_loss": float(np.mean(test_losses)) if len(test_losses) else math.nan,
             "std": float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0,
             "diverged": len(mine) - len(ok),
             "skipped_steps": sum(int(run.get("skipped_steps") or 0) for run in mine),
@@ -213,6 +224,27 @@ def _to_target(entry: Mapping, field: str, digits: int) -> str:
     )
 
 
+def _optimizer_rows(
+    summary: Mapping[str, Mapping], what: str, target_text: str, loss_column: bool
+) -> list[str]:
+    """The per-optimizer table; ``loss_column`` adds the final test loss per token."""
+    scale, digits = (100.0, 2) if "accuracy" in what else (1.0, 4)
+    lines = [
+        f"| optimizer | {what} | "
+        + ("test loss (nats/token) | " if loss_column else "")
+        + f"time / epoch (s) | epochs to {target_text} | seconds to {target_text} |",
+        "|---|---|---|---|---|" + ("---|" if loss_column else ""),
+    ]
+    for name, entry in summary.items():
+        loss = f"| {entry.get('test_loss', math.nan):.4f} " if loss_column else ""
+        lines.append(
+            f"| {DISPLAY_NAMES[name]} | {_mean_std(entry, scale, digits)} {loss}"
+            f"| {entry['epoch_seconds']:.3f} | {_to_target(entry, 'epochs_to_target', 1)} "
+            f"| {_to_target(entry, 'seconds_to_target', 2)} |"
+        )
+    return lines
+
+
 def format_table(
     summary: Mapping[str, Mapping],
     *,
@@ -223,16 +255,22 @@ def format_table(
     classification: bool,
     target: float | None,
     warnings: Sequence[str] = (),
+    per_token: bool = False,
+    irreducible_loss: float | None = None,
 ) -> str:
     """The papers' Table 3 row (data, model, one column per optimizer) and a per-optimizer table.
 
-    ``warnings`` (lines of :func:`run_warning`) are listed under the tables.
+    ``warnings`` (lines of :func:`run_warning`) are listed under the tables. ``per_token``
+    (a sequence task) names the token accuracy, adds a column of the final test loss per
+    token and a line with ``irreducible_loss``, when known.
     """
     names = list(summary)
     seeds = max((entry["seeds"] for entry in summary.values()), default=0)
     scale, digits, what = (
         (100.0, 2, "test accuracy (%)") if classification else (1.0, 4, "test loss")
     )
+    if per_token and classification:
+        what = "test token accuracy (%)"
     if target is None:
         target_text = "target"
     else:
@@ -247,17 +285,10 @@ def format_table(
         + " | ".join(_mean_std(summary[n], scale, digits) for n in names)
         + " |",
         "",
-        f"| optimizer | {what} | time / epoch (s) | epochs to {target_text} "
-        f"| seconds to {target_text} |",
-        "|---|---|---|---|---|",
+        *_optimizer_rows(summary, what, target_text, per_token and classification),
     ]
-    for name in names:
-        entry = summary[name]
-        lines.append(
-            f"| {DISPLAY_NAMES[name]} | {_mean_std(entry, scale, digits)} "
-            f"| {entry['epoch_seconds']:.3f} | {_to_target(entry, 'epochs_to_target', 1)} "
-            f"| {_to_target(entry, 'seconds_to_target', 2)} |"
-        )
+    if per_token and irreducible_loss is not None:
+        lines += ["", f"Irreducible test loss: {irreducible_loss:.4f} nats/token."]
     if warnings:
         lines += ["", "Notes:", *(f"- {line}" for line in warnings)]
     return "\n".join(lines) + "\n"

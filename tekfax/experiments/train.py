@@ -21,6 +21,11 @@ sharded over its ``data`` axis and params and optimizer state are replicated; un
 to float rounding. With several processes (``jax.distributed.initialize``) every process
 runs ``train`` on the same data and saves the checkpoints, which orbax writes once.
 
+Sequence tasks (a :mod:`.models` sequence model on a token dataset): the optimizers see
+tekfax's loss, summed over the L positions of a sequence and averaged over the batch, but the
+records average over tokens: ``train_loss`` and ``test_loss`` are nats per token, and the
+accuracies are the fractions of tokens predicted right (:func:`positions_per_example`).
+
 Determinism: epoch ``e`` shuffles with ``np.random.default_rng((seed, e))`` and step ``t``
 samples the Fisher's labels with ``jax.random.fold_in(key, t)``, so a run resumed from its
 checkpoint ends bit-for-bit where the uninterrupted run ends.
@@ -45,7 +50,7 @@ import tekfax
 from tekfax import losses, sharding
 from tekfax.experiments import checkpoint, optimizers
 from tekfax.experiments.data import Dataset, iterate_batches
-from tekfax.experiments.models import create_model, init_variables, model_loss
+from tekfax.experiments.models import create_model, init_variables, is_sequence_model, model_loss
 from tekfax.experiments.progress import ProgressBar
 
 EVAL_CHUNK = 500
@@ -192,10 +197,32 @@ def _make_eval(model, loss: str) -> Callable:
     def evaluate(params, batch_stats, x, y, mask):
         logits = model.apply(_variables(params, batch_stats), x, train=False)
         per_example = losses.per_example_loss(loss, logits.astype(jnp.float32), y)
-        correct = (jnp.argmax(logits, -1) == y) if loss == "softmax_cross_entropy" else mask
+        if loss == "softmax_cross_entropy":  # right predictions per example (tokens of a row)
+            correct = (jnp.argmax(logits, -1) == y).reshape(y.shape[0], -1).sum(axis=1)
+        else:
+            correct = mask
         return jnp.sum(per_example * mask), jnp.sum(correct * mask)
 
     return evaluate
+
+
+def positions_per_example(loss: str, y: np.ndarray) -> int:
+    """Predictions per example, which the losses and accuracies are averaged over.
+
+    L for next-token targets ``y`` of shape (N, L) (the loss of tekfax sums over them), 1
+    for class labels (N,) and for the auto-encoder, whose loss stays per image.
+
+    Example:
+      >>> import numpy as np
+      >>> from tekfax.experiments.train import positions_per_example
+      >>> positions_per_example("softmax_cross_entropy", np.zeros((4, 16), np.int32))
+      16
+      >>> positions_per_example("softmax_cross_entropy", np.zeros(4, np.int32))
+      1
+    """
+    if loss != "softmax_cross_entropy":
+        return 1
+    return math.prod(np.shape(y)[1:])
 
 
 def targets_for(loss: str, dataset: Dataset, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -210,7 +237,8 @@ def evaluate(
 ) -> tuple[float, float | None]:
     """Mean loss and accuracy (None unless classification) on the test split, in chunks.
 
-    With a ``mesh`` each chunk (padded to a multiple of the device count) is sharded.
+    For next-token targets both are per token (:func:`positions_per_example`). With a
+    ``mesh`` each chunk (padded to a multiple of the device count) is sharded.
     """
     x, y = dataset.x_test, targets_for(loss, dataset, dataset.x_test, dataset.y_test)
     ways = 1 if mesh is None else mesh.size
@@ -229,8 +257,9 @@ def evaluate(
         batch_loss, batch_correct = fn(params, batch_stats, xb, yb, mask)
         total_loss += float(sharding.to_host(batch_loss))
         total_correct += float(sharding.to_host(batch_correct))
-    accuracy = total_correct / len(x) if loss == "softmax_cross_entropy" else None
-    return total_loss / len(x), accuracy
+    count = len(x) * positions_per_example(loss, y)
+    accuracy = total_correct / count if loss == "softmax_cross_entropy" else None
+    return total_loss / count, accuracy
 
 
 def _numeric_args(numeric: Mapping[str, float]) -> dict[str, np.ndarray]:
@@ -257,6 +286,7 @@ class _Plan(NamedTuple):
     steps_per_epoch: int
     boundaries: dict[int, float]
     identity: dict
+    positions: int = 1
 
 
 class _State(NamedTuple):
@@ -308,6 +338,9 @@ def _usable_mesh(config: RunConfig, mesh: jax.sharding.Mesh | None) -> jax.shard
 
 def _plan(config: RunConfig, dataset: Dataset) -> _Plan:
     """The model, loss, split hyperparameters and the learning-rate schedule's boundaries."""
+    if is_sequence_model(config.model) != dataset.is_sequence:
+        kind = "token sequences" if is_sequence_model(config.model) else "images"
+        raise ValueError(f"model {config.model!r} needs {kind}; dataset {dataset.name!r} differs.")
     model = create_model(config.model, dataset.num_classes, dataset.input_shape)
     numeric, static = optimizers.split(config.hparams)
     steps_per_epoch = len(dataset.x_train) // config.batch_size
@@ -318,7 +351,8 @@ def _plan(config: RunConfig, dataset: Dataset) -> _Plan:
     boundaries = optimizers.step_boundaries(config.lr_decay_every, steps_per_epoch, config.epochs)
     loss = model_loss(config.model)
     identity = config.identity(dataset)
-    return _Plan(model, loss, numeric, static, steps_per_epoch, boundaries, identity)
+    positions = positions_per_example(loss, dataset.y_train)
+    return _Plan(model, loss, numeric, static, steps_per_epoch, boundaries, identity, positions)
 
 
 def _init_state(config: RunConfig, dataset: Dataset, plan: _Plan) -> tuple[_State, jax.Array]:
@@ -421,9 +455,10 @@ def _run_batches(
             correct_sum += float(np.sum(_fetch(correct[fetched:])))
             fetched = i + 1
             seen = fetched * config.batch_size
-            accuracy = correct_sum / seen if classification else None
+            accuracy = correct_sum / (seen * plan.positions) if classification else None
             rate = seen / (time.perf_counter() - tic)
-            bar.update(fetched, loss_sum / fetched, accuracy, rate, _skipped(state.opt_state))
+            loss_now = loss_sum / (fetched * plan.positions)
+            bar.update(fetched, loss_now, accuracy, rate, _skipped(state.opt_state))
     jax.block_until_ready(state.params)
     return _EpochRun(state, step, losses, correct, time.perf_counter() - tic)
 
@@ -441,13 +476,13 @@ def _epoch_record(
 ) -> dict:
     """The epoch's record: train metrics of ``run``, test metrics, learning rate and timing."""
     # Skipped (non-finite) batches are left out; an epoch with no finite batch diverged.
-    epoch_losses = np.asarray(_fetch(run.losses), np.float64)
+    epoch_losses = np.asarray(_fetch(run.losses), np.float64) / plan.positions
     finite = np.isfinite(epoch_losses)
     train_loss = float(np.mean(epoch_losses[finite])) if finite.any() else math.nan
     seen = len(run.losses) * config.batch_size
     train_accuracy = None
     if plan.loss == "softmax_cross_entropy":
-        train_accuracy = float(np.sum(_fetch(run.correct))) / seen
+        train_accuracy = float(np.sum(_fetch(run.correct))) / (seen * plan.positions)
     tic = time.perf_counter()
     params, batch_stats = run.state.params, run.state.batch_stats
     test_loss, test_accuracy = evaluate(eval_fn, params, batch_stats, dataset, plan.loss, mesh)
@@ -527,7 +562,8 @@ def _train_epoch(
     )
     initial = progress.initial_loss
     if initial is None:
-        finite = [v for v in np.asarray(_fetch(run.losses), np.float64) if math.isfinite(v)]
+        values = np.asarray(_fetch(run.losses), np.float64) / plan.positions
+        finite = [v for v in values if math.isfinite(v)]
         initial = float(finite[0]) if finite else None
     diverged = has_diverged(record["train_loss"], initial)
     _close_bar(bar, record, len(run.losses), diverged)
