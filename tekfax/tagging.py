@@ -34,7 +34,7 @@ from flax import nnx
 from jax import lax
 
 from tekfax.layers import leaf_names
-from tekfax.modules import EMBEDS, LINEN_MODULES, NNX_MODULES, LayerMeta, Rows, describe
+from tekfax.modules import EMBEDS, LINEN_MODULES, NNX_MODULES, LayerMeta, describe
 
 __all__ = ["LayerMeta", "stat_dtype", "tag_layers"]
 
@@ -42,7 +42,6 @@ __all__ = ["LayerMeta", "stat_dtype", "tag_layers"]
 @dataclasses.dataclass(frozen=True)
 class _Discovered:
     meta: LayerMeta
-    rows: Rows
     inputs: jax.ShapeDtypeStruct
     outputs: jax.ShapeDtypeStruct
 
@@ -128,7 +127,6 @@ class _Tagger:
         inputs, out_rows = rows.inputs(args[0] if args else kwargs["inputs"]), rows.outputs(outputs)
         self.discovered[name] = _Discovered(
             meta,
-            rows,
             jax.ShapeDtypeStruct(inputs.shape, stat_dtype(inputs.dtype)),
             jax.ShapeDtypeStruct(out_rows.shape, out_rows.dtype),
         )

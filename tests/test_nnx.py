@@ -714,15 +714,20 @@ def _paths(tree, is_leaf=None) -> list[tuple]:
     return [tuple(k.key for k in path if isinstance(k, DictKey)) for path, _ in leaves]
 
 
-def test_stats_mirror_the_state_and_init_takes_state_or_pure_arrays():
-    graphdef, params, rest = _split(_Nested)
-    x = jnp.zeros((3, 4), F64)
-    out = jax.eval_shape(
+def _abstract_capture(graphdef, rest, params, x):
+    """The shapes of an empirical-Fisher capture of the merged model on ``x``."""
+    return jax.eval_shape(
         lambda p: tekfax.loss_and_curvature(
             lambda q: nnx.merge(graphdef, q, rest)(x), p, jnp.zeros(3, int), fisher="empirical"
         ),
         params,
     )
+
+
+def test_stats_mirror_the_state_and_init_takes_state_or_pure_arrays():
+    graphdef, params, rest = _split(_Nested)
+    x = jnp.zeros((3, 4), F64)
+    out = _abstract_capture(graphdef, rest, params, x)
     stats_paths = _paths(out.stats, is_leaf=lambda s: isinstance(s, tekfax.LayerStats))
     kernel_paths = [p[:-1] for p in _paths(params) if p[-1] == "kernel"]
     assert stats_paths == kernel_paths  # same keys, same order, integer list indices
@@ -737,12 +742,7 @@ def test_stats_mirror_the_state_and_init_takes_state_or_pure_arrays():
     assert out.stats["block"]["proj"].meta.d_out == 4
     assert _paths(out.grads) == _paths(params)
     # The same capture from the State's pure arrays (nnx.as_pure): the same statistics tree.
-    pure_out = jax.eval_shape(
-        lambda p: tekfax.loss_and_curvature(
-            lambda q: nnx.merge(graphdef, q, rest)(x), p, jnp.zeros(3, int), fisher="empirical"
-        ),
-        nnx.as_pure(params),
-    )
+    pure_out = _abstract_capture(graphdef, rest, nnx.as_pure(params), x)
     assert jax.tree.structure(pure_out.stats) == jax.tree.structure(out.stats)
     # opt.init on the nnx.State and on its pure arrays: the same state, layers by name.
     opt = tekfax.kfac(0.1)
@@ -767,12 +767,7 @@ class _Checkpointed(nnx.Module):
 def test_layer_inside_jax_checkpoint_is_tagged():
     graphdef, params, rest = _split(_Checkpointed)
     x = jnp.zeros((3, 4), F64)
-    out = jax.eval_shape(
-        lambda p: tekfax.loss_and_curvature(
-            lambda q: nnx.merge(graphdef, q, rest)(x), p, jnp.zeros(3, int), fisher="empirical"
-        ),
-        params,
-    )
+    out = _abstract_capture(graphdef, rest, params, x)
     assert out.stats["first"].inputs.shape == (3, 4)
     assert out.stats["first"].out_grads.shape == (1, 3, 5)
     assert sorted(out.stats) == ["first", "second"]
