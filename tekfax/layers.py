@@ -11,7 +11,8 @@ A kernel is read as a (d_in, d_out) matrix in row-major order, bias in row 0
 (:mod:`tekfax.patches`): d_out is the bias's size, or without a bias the kernel's last axis.
 A bias-free kernel whose output features span several axes (an attention projection
 ``DenseGeneral(features=(heads, head_dim), use_bias=False)``) needs its dims from a trace of
-the model: pass ``layer_dims=tekfax.layer_dims(logits_fn, params)`` to the optimizer.
+the model: pass ``layer_dims=tekfax.layer_dims(logits_fn, params)`` to the optimizer
+(docs/algorithms.md, section 10).
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         default="autoencoder",
         choices=list(ALL_MODELS),
         help="model (default: autoencoder); transformer and transformer-onehot (its token "
-        "embedding a tagged Dense on one-hot tokens) read token sequences",
+        "embedding written as a Dense on one-hot tokens: the same updates) read token "
+        "sequences",
     )
     add(
         "--dataset",

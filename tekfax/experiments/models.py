@@ -210,11 +210,10 @@ class Transformer(nn.Module):
     ``tekfax-compare --model transformer`` within about two minutes on 2 CPU cores: compiling
     a Kronecker optimizer's step takes about twice as long with two layers.
 
-    ``embedding="lookup"`` embeds with ``nn.Embed``, which tekfax does not tag (its gradient
-    passes through the Kronecker optimizers unpreconditioned, like LayerNorm scales).
-    ``embedding="one_hot"`` is the same function, ``nn.Dense(d, use_bias=False)`` on
-    ``jax.nn.one_hot(tokens, V)``, which tekfax tags: the embedding gets a Kronecker block whose
-    input factor is the diagonal of the token frequencies. Both name the table ``token_embed``
+    ``embedding="lookup"`` embeds with ``nn.Embed``; ``embedding="one_hot"`` is the same
+    function written as ``nn.Dense(d, use_bias=False)`` on ``jax.nn.one_hot(tokens, V)``.
+    tekfax gives both the same Kronecker block, whose input factor is the diagonal of the
+    token frequencies (docs/algorithms.md, section 10). Both name the table ``token_embed``
     and draw it from the same distribution with the same key, so they also initialise
     identically (``embedding`` in one, ``kernel`` in the other).
 
