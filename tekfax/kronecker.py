@@ -41,6 +41,7 @@ from tekfax import curvature, eigenbasis, precondition, rescale
 from tekfax import damping as damping_rules
 from tekfax.capture import LayerStats, iter_layer_stats
 from tekfax.curvature import Factors
+from tekfax.damping import FactoredDamping
 from tekfax.eigenbasis import Eigenbasis
 from tekfax.hyperparams import Hyperparams, takes_hyperparams
 from tekfax.layers import find_layers, fits, layer_dims, replace_layers
@@ -532,31 +533,50 @@ def _unchanged(new: jax.Array, old: jax.Array) -> jax.Array:
     return jnp.all(jnp.abs(new - old) <= tol * jnp.abs(old))
 
 
+def _edges(damped: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """D's first column and first row: a factored D = outer(d_in, d_out) is fixed by them."""
+    return damped[:, 0], damped[0, :]
+
+
+def _pair_edges(pair: FactoredDamping, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """The edges of outer(pair) (:func:`_edges`) in O(d_in + d_out), clamped as D is."""
+    top = jnp.finfo(dtype).max
+    return jnp.minimum(pair.inp * pair.out[0], top), jnp.minimum(pair.inp[0] * pair.out, top)
+
+
 def _cached_inverses(
     old: Mapping[str, LayerCurvature],
     bases: Mapping[str, Eigenbasis],
-    damped: Mapping[str, jax.Array],
     due: Due,
     rule_args: tuple,
     pipe: _Pipeline,
 ) -> tuple[dict[str, jax.Array], dict[str, DampedInverses | None]]:
-    """Stage 4 under one ``lax.cond`` (KFAC/TKFAC): (D applied, damped inverse factors).
+    """Stage 4 (docs/algorithms.md, sections 4-5): (D applied, damped inverse factors).
 
-    Recomputed for every layer, with this step's D, on a refresh or when any layer's D
-    differs from the cached inverses' D, the state's ``damped`` (a damping changed by
-    ``inject_hyperparams``, a schedule, adaptive damping or the relative floor), beyond
-    rounding (:data:`DAMPING_ULPS`); else the cached inverses and their D, so a damping that
-    drifts slowly is still caught once it has moved (docs/algorithms.md, section 5).
-    Eigen-corrected: this step's D and None for every layer.
+    Eigen-corrected: this step's D and None for every layer. KFAC/TKFAC, under one
+    ``lax.cond``: D and the inverses are recomputed for every layer on a refresh or when any
+    layer's D differs from the cached inverses' D, the state's ``damped`` (a damping changed
+    by ``inject_hyperparams``, a schedule, adaptive damping or the relative floor), beyond
+    rounding (:data:`DAMPING_ULPS`); else the cached ones are kept, so a damping that drifts
+    slowly is still caught once it has moved. The check compares D's first column and row
+    (:func:`_edges`), which fix a factored D, so a step that keeps the cache reads and writes
+    no (d_in, d_out) array: on the MNIST auto-encoder building and comparing whole D took
+    2 ms of a 94 ms KFAC step (2-core CPU).
     """
     if pipe.factored_rule is None:
-        return dict(damped), {k: None for k in old}
-    unchanged = [_unchanged(damped[k], old[k].damped) for k in old]
+        return pipe.damping_rule(bases, *rule_args), {k: None for k in old}
+    pairs = pipe.factored_rule(bases, *rule_args)
+    unchanged = [
+        _unchanged(new, was)
+        for k in old
+        for new, was in zip(
+            _pair_edges(pairs[k], old[k].damped.dtype), _edges(old[k].damped), strict=True
+        )
+    ]
     changed = functools.reduce(jnp.logical_or, [~u for u in unchanged], due.eigen)
 
     def recompute():
-        pairs = pipe.factored_rule(bases, *rule_args)
-        return dict(damped), {
+        return pipe.damping_rule(bases, *rule_args), {
             k: precondition.damped_inverses(b, pairs[k]) for k, b in bases.items()
         }
 
@@ -601,8 +621,7 @@ def _update(
     }
     dims = {k: old[k].damped.size for k in active}
     rule_args = (s, is_conv, *_damping(pipe.hp, damping, peak, dims))
-    damped = pipe.damping_rule(bases, *rule_args)
-    damped, inverses = _cached_inverses(old, bases, damped, due, rule_args, pipe)
+    damped, inverses = _cached_inverses(old, bases, due, rule_args, pipe)
     grads = {
         k: grad_matrix(grad_layers[k], old[k].factor_in.dtype, old[k].factor_out.shape[0])
         for k in active

@@ -39,6 +39,10 @@ if version("jaxlib").split(".")[:2] in (["0", "9"], ["0", "10"]):
         ]
     ).strip()
 
+# tekfax-compare keeps compiled steps in ~/.cache/tekfax/jax; the suite writes nothing there
+# (tests/test_compare.py checks the setting itself with its own directory).
+os.environ["TEKFAX_COMPILATION_CACHE"] = "off"
+
 import hypothesis  # noqa: E402
 import jax  # noqa: E402
 import optax  # noqa: E402

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import pathlib
 import re
 import subprocess
@@ -305,7 +306,12 @@ def test_flag_parsing():
     assert hp["tkfac-new"]["nu"] == 0.1 and "damping" not in hp["tkfac-new"]
     assert hp["kfac"]["eigen_every"] == 5 and "eigen_every" not in hp["sgdm"]
     assert optimizers.resolve(["tekfac"], {"nu": ["tekfac=0.01"]})["tekfac"]["nu"] == 0.01
+    hp = optimizers.resolve(["adam", "kfac", "tekfac"], {"norm-constraint": ["0.01", "kfac=0.1"]})
+    assert (hp["kfac"]["norm_constraint"], hp["tekfac"]["norm_constraint"]) == (0.1, 0.01)
+    assert "norm_constraint" not in hp["adam"]  # a bare value sets the Kronecker ones only
     bad = [
+        {"norm-constraint": ["adam=0.1"]},  # adam has no trust region
+        {"norm-constraint": ["-1"]},
         {"damping": ["adam=0.1"]},  # adam has no damping
         {"lr": ["nope=0.1"]},  # unknown optimizer
         {"lr": ["0.1", "0.2"]},  # two values for all
@@ -322,6 +328,72 @@ def test_flag_parsing():
     )
     assert optimizers.step_boundaries(20, 11, 60) == {220: 0.1, 440: 0.1}
     assert math.isclose(optimizers.learning_rate_at(0.1, 440, {220: 0.1, 440: 0.1}), 1e-3)
+
+
+def test_norm_constraint_flag_reaches_the_optimizer_as_a_traced_value():
+    """The tool's kappa, passed into the jitted step as an array, equals the preset's."""
+    import flax.linen
+    import jax.numpy as jnp
+    import optax
+
+    import tekfax
+
+    model = flax.linen.Dense(2)
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+    params = model.init(jax.random.key(0), x)["params"]
+    out = tekfax.loss_and_curvature(
+        lambda p: model.apply({"params": p}, x),
+        params,
+        jnp.array([0, 1, 1, 0]),
+        rng=jax.random.key(0),
+    )
+    hp = optimizers.resolve(["kfac"], {"norm-constraint": ["1e-12"], "lr": ["0.1"]})["kfac"]
+    numeric, static = optimizers.split(hp)
+
+    @jax.jit
+    def tool_update(numeric):
+        opt = optimizers.make_optimizer("kfac", numeric, static, {})
+        return opt.update(out.grads, opt.init(params), params, stats=out.stats)[0]
+
+    def preset_update(kappa):
+        opt = tekfax.kfac(0.1, norm_constraint=kappa)
+        return opt.update(out.grads, opt.init(params), params, stats=out.stats)[0]
+
+    got = tool_update(jax.tree.map(jnp.asarray, numeric))
+    np.testing.assert_allclose(got["kernel"], preset_update(1e-12)["kernel"])
+    clipped, free = optax.tree.norm(got), optax.tree.norm(preset_update(1.0))
+    assert float(clipped) < 0.5 * float(free)  # kappa 1e-12 binds where kappa 1 does not
+
+
+def test_persistent_compilation_cache_is_the_tools_own_and_can_be_turned_off(tmp_path):
+    """The tool stores compiled programs under $TEKFAX_COMPILATION_CACHE; "off" stores none,
+    and a cache JAX was given (JAX_COMPILATION_CACHE_DIR) is kept."""
+    script = (
+        "import jax\n"
+        "from tekfax.experiments.compare import persistent_compilation_cache\n"
+        "persistent_compilation_cache()\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "print(jax.jit(lambda v: v * 2 + 1)(jax.numpy.arange(3.0)).tolist())\n"
+        "print(jax.config.jax_compilation_cache_dir)\n"
+    )
+
+    def run(**env):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.splitlines()
+
+    cache = tmp_path / "cache"
+    first = run(TEKFAX_COMPILATION_CACHE=str(cache))
+    assert first == ["[1.0, 3.0, 5.0]", str(cache)] and any(cache.iterdir())
+    assert run(TEKFAX_COMPILATION_CACHE=str(cache)) == first  # served from the cache
+    assert run(TEKFAX_COMPILATION_CACHE="off")[1] == "None"
+    theirs = str(tmp_path / "theirs")
+    assert run(TEKFAX_COMPILATION_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=theirs)[1] == theirs
 
 
 def test_summary_with_a_diverged_seed_and_partial_targets():

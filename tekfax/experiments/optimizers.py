@@ -4,7 +4,8 @@ Eight optimizers: first-order ``sgdm``, ``adam`` and ``eadam``, and the Kronecke
 ``kfac``, ``ekfac``, ``tkfac`` (TKFAC_nor, fixed damping), ``tkfac-new`` (TKFAC_new, the
 trace-adaptive damping ``nu``) and ``tekfac``. Hyperparameters are split in two:
 
-* numeric ones (``learning_rate``, ``damping``, ``nu``, ``momentum``) are passed to the
+* numeric ones (``learning_rate``, ``damping``, ``nu``, ``momentum``, ``norm_constraint``)
+  are passed to the
   jitted train step as arrays, so one compilation serves every grid candidate and seed;
 * static ones (``eigen_every``, ``curvature_every``, ``rescale_every``, ``fisher``,
   ``positions``) shape the compiled program.
@@ -43,7 +44,7 @@ DISPLAY_NAMES = {
     "tkfac-new": "TKFAC-new",
     "tekfac": "TEKFAC",
 }
-NUMERIC = ("learning_rate", "damping", "nu", "momentum")
+NUMERIC = ("learning_rate", "damping", "nu", "momentum", "norm_constraint")
 STATIC = ("eigen_every", "curvature_every", "rescale_every", "fisher", "positions")
 FISHER = ("sampled", "empirical")
 
@@ -70,7 +71,12 @@ def library_default(key: str) -> Any:
 
 
 _KRONECKER_STATIC = {key: library_default(key) for key in STATIC}
-_KRONECKER = {"learning_rate": 0.03, "momentum": library_default("momentum"), **_KRONECKER_STATIC}
+_KRONECKER = {
+    "learning_rate": 0.03,
+    "momentum": library_default("momentum"),
+    "norm_constraint": library_default("norm_constraint"),
+    **_KRONECKER_STATIC,
+}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sgdm": {"learning_rate": 0.1, "momentum": 0.9},
     "adam": {"learning_rate": 3e-3},
@@ -93,6 +99,7 @@ FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "damping": ("damping", float),
     "nu": ("nu", float),
     "momentum": ("momentum", float),
+    "norm-constraint": ("norm_constraint", float),
     "eigen-every": ("eigen_every", int),
     "curvature-every": ("curvature_every", int),
     "rescale-every": ("rescale_every", int),
@@ -182,7 +189,7 @@ def resolve(
 
 def check(name: str, hparams: Mapping[str, Any]) -> None:
     """Raises :class:`HyperparameterError` for values no optimizer accepts."""
-    for key in ("learning_rate", "damping", "nu"):
+    for key in ("learning_rate", "damping", "nu", "norm_constraint"):
         value = hparams.get(key)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise HyperparameterError(f"{name}: {key} must be positive, got {value}.")
@@ -231,6 +238,7 @@ def make_optimizer(
         damping=numeric.get("damping"),
         nu=numeric.get("nu"),
         momentum=numeric["momentum"],
+        norm_constraint=numeric.get("norm_constraint"),
         **kwargs,
     )
 
