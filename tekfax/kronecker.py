@@ -559,9 +559,9 @@ def _cached_inverses(
     by ``inject_hyperparams``, a schedule, adaptive damping or the relative floor), beyond
     rounding (:data:`DAMPING_ULPS`); else the cached ones are kept, so a damping that drifts
     slowly is still caught once it has moved. The check compares D's first column and row
-    (:func:`_edges`), which fix a factored D, so a step that keeps the cache reads and writes
-    no (d_in, d_out) array: on the MNIST auto-encoder building and comparing whole D took
-    2 ms of a 94 ms KFAC step (2-core CPU).
+    (:func:`_edges`), which fix a factored D, so a step that keeps the cache builds and
+    compares no (d_in, d_out) array: on the MNIST auto-encoder that took about 2 ms of a
+    94 ms KFAC step (2-core CPU).
     """
     if pipe.factored_rule is None:
         return pipe.damping_rule(bases, *rule_args), {k: None for k in old}

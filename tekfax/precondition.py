@@ -10,6 +10,7 @@ so neither overflows unless its true result does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -63,6 +64,80 @@ def precondition(
     return (q_in @ x @ q_out.T) * m
 
 
+class ScaledInner(NamedTuple):
+    """<u, v> = ``total`` * 2^``exponent``, stored so that neither part overflows.
+
+    ``total`` is sum (u / U)(v / V) for even powers of two U <= max |u| < 4 U and likewise V,
+    so |total| < 16 times the number of terms; ``exponent`` = log2(U V) (int32, even);
+    ``finite`` is False when u or v holds a non-finite value (then the rest is unused).
+    """
+
+    total: jax.Array
+    exponent: jax.Array
+    finite: jax.Array
+
+
+def _exponent(m: jax.Array) -> jax.Array:
+    """log2 m for a normal power of two m, as int32 (``log2`` rounded: exact, and fewer
+    operations than ``frexp``, which also handles subnormals)."""
+    return jnp.round(jnp.log2(m)).astype(jnp.int32)
+
+
+def _even_unit(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(U, log2 U, finite): U an even power of two within a factor 4 of max |x|, >= tiny."""
+    top = jnp.max(jnp.abs(x))
+    finite = jnp.isfinite(top)
+    tiny = jnp.finfo(top.dtype).tiny
+    root = power_of_two(jnp.sqrt(jnp.where(finite, jnp.maximum(top, tiny), 1.0)))
+    return root * root, 2 * _exponent(root), finite
+
+
+def scaled_inner(u: jax.Array, v: jax.Array, exponent: jax.Array | int = 0) -> ScaledInner:
+    """<u, v> * 2^``exponent`` as a :class:`ScaledInner`: finite for any finite u and v.
+
+    Each array is divided by its own unit (exact), so a layer's sum cannot overflow however
+    large its entries, nor lose its small terms to another layer's scale; ``exponent`` (even)
+    carries a power of two the arrays were divided by before.
+
+    Example:
+      >>> from tekfax.precondition import scaled_inner
+      >>> q = scaled_inner(jnp.full((2, 2), 3.0), jnp.ones((2, 2)))
+      >>> float(q.total * 2.0 ** q.exponent)
+      12.0
+    """
+    unit_u, log_u, finite_u = _even_unit(u)
+    unit_v, log_v, finite_v = _even_unit(v)
+    finite = finite_u & finite_v
+    total = jnp.vdot(u / unit_u, v / unit_v)
+    return ScaledInner(total, jnp.where(finite, log_u + log_v + exponent, 0), finite)
+
+
+def clip_scale(parts: list[ScaledInner], kappa: jax.Array, learning_rate: jax.Array) -> jax.Array:
+    """min(1, sqrt(kappa / (alpha^2 |sum_l q_l|))) from each layer's quadratic q_l.
+
+    docs/algorithms.md, section 5. The parts are summed relative to the largest exponent E
+    (exact powers of two), and the scale is sqrt(kappa) / (alpha sqrt(sum)) times 2^(-E / 2)
+    (``ldexp``, exact), so nothing overflows: when the quadratic itself exceeds the float
+    maximum the scale is its true, tiny value (or 0 below the smallest float). Non-finite
+    inputs give 0, never NaN; a zero quadratic gives 1.
+
+    Example:
+      >>> from tekfax.precondition import clip_scale, scaled_inner
+      >>> big, small = jnp.full((2, 2), 1e20), jnp.full((2, 2), 1e-20)
+      >>> parts = [scaled_inner(big, big), scaled_inner(small, small)]  # 4e40 + 4e-40
+      >>> float(clip_scale(parts, 1.0, 1.0))
+      4.999999841327613e-21
+    """
+    finite = functools.reduce(jnp.logical_and, [p.finite for p in parts])
+    top = functools.reduce(jnp.maximum, [p.exponent for p in parts])
+    total = sum(jnp.ldexp(p.total, p.exponent - top) for p in parts)
+    denominator = jnp.abs(learning_rate) * jnp.sqrt(jnp.abs(total))
+    positive = denominator > 0
+    root = jnp.sqrt(kappa) / jnp.where(positive, denominator, 1.0)
+    scale = jnp.ldexp(root, -(top // 2))
+    return jnp.where(finite, jnp.where(positive, jnp.minimum(1.0, scale), 1.0), 0.0)
+
+
 def norm_constraint_scale(
     preconditioned: Mapping[str, jax.Array],
     grads: Mapping[str, jax.Array],
@@ -71,13 +146,10 @@ def norm_constraint_scale(
 ) -> jax.Array:
     """min(1, sqrt(kappa / (alpha^2 sum_l <P(g_l), g_l>))) (Ba et al. 2017, the "KL clip").
 
-    docs/algorithms.md, section 5. The sum is taken as M_p M_g sum_l <P(g_l) / M_p, g_l / M_g>
-    with M_p, M_g even powers of two within a factor 4 of max |P(g)| and max |g| over all
-    layers, and the scale as sqrt(kappa) / (alpha sqrt(sum) sqrt(M_p) sqrt(M_g)) (the last
-    two exact), so nothing overflows: when the quadratic itself exceeds the float maximum the
-    scale is its true, tiny value (or 0 below the smallest float), and alpha^2 scale^2
-    <P(g), g> <= kappa up to rounding whenever P(g) is finite. Non-finite inputs give 0,
-    never NaN; a zero quadratic gives 1.
+    docs/algorithms.md, section 5. Each layer's <P(g_l), g_l> is a :func:`scaled_inner`, and
+    :func:`clip_scale` combines them, so nothing overflows: alpha^2 scale^2 <P(g), g> <= kappa
+    up to rounding whenever P(g) is finite. Non-finite inputs give 0, never NaN; a zero
+    quadratic gives 1.
 
     Example:
       >>> from tekfax.precondition import norm_constraint_scale
@@ -88,21 +160,8 @@ def norm_constraint_scale(
       >>> float(norm_constraint_scale(huge, huge, 1.0, 1.0))
       4.999999841327613e-21
     """
-    keys = list(preconditioned)
-    top_p = jnp.max(jnp.stack([jnp.max(jnp.abs(preconditioned[k])) for k in keys]))
-    top_g = jnp.max(jnp.stack([jnp.max(jnp.abs(grads[k])) for k in keys]))
-    finite = jnp.isfinite(top_p) & jnp.isfinite(top_g)
-    # Units are even powers of two, at least the smallest normal float: exact square roots.
-    tiny = jnp.finfo(top_p.dtype).tiny
-    root_p = power_of_two(jnp.sqrt(jnp.where(finite, jnp.maximum(top_p, tiny), 1.0)))
-    root_g = power_of_two(jnp.sqrt(jnp.where(finite, jnp.maximum(top_g, tiny), 1.0)))
-    total = sum(
-        jnp.vdot(preconditioned[k] / (root_p * root_p), grads[k] / (root_g * root_g)) for k in keys
-    )
-    denominator = jnp.abs(learning_rate) * jnp.sqrt(jnp.abs(total)) * root_p * root_g
-    positive = denominator > 0
-    scale = jnp.sqrt(kappa) / jnp.where(positive, denominator, 1.0)
-    return jnp.where(finite, jnp.where(positive, jnp.minimum(1.0, scale), 1.0), 0.0)
+    parts = [scaled_inner(preconditioned[k], grads[k]) for k in preconditioned]
+    return clip_scale(parts, kappa, learning_rate)
 
 
 def precondition_layers(
@@ -134,10 +193,9 @@ def precondition_layers(
     pre = {k: (bases[k].q_in @ x @ bases[k].q_out.T) * m for k, (m, _, x) in parts.items()}
     if norm_constraint is None:
         return pre
-    # <P(g), g> = <X, Y> for orthonormal Q; X Y = Y^2 / D >= 0 term by term.
-    xs = {k: x * m for k, (m, _, x) in parts.items()}
-    ys = {k: y * m for k, (m, y, _) in parts.items()}
-    scale = norm_constraint_scale(xs, ys, norm_constraint, learning_rate)
+    # <P(g), g> = <X, Y> m^2 for orthonormal Q; X Y = Y^2 / D >= 0 term by term.
+    quadratics = [scaled_inner(x, y, 2 * _exponent(m)) for m, y, x in parts.values()]
+    scale = clip_scale(quadratics, norm_constraint, learning_rate)
     return {k: v * scale.astype(v.dtype) for k, v in pre.items()}
 
 
@@ -212,19 +270,20 @@ def _factored_layer(
     clip: bool,
 ) -> tuple[jax.Array, ...]:
     """(P(g),) with the inverses when ``accurate``, else in the eigenbasis; with ``clip``
-    also Z, sum Z^2 = <P(g), g>: Y / sqrt(D) from the eigenbasis, 0 with the inverses
-    (whose quadratic is sum P(g) * g, from arrays outside the cond: no copies)."""
+    also <P(g), g> as a :func:`scaled_inner`: sum P(g) * g with the inverses, sum Z^2 with
+    Z = Y / sqrt(D) in the eigenbasis."""
 
     def with_inverses():
         m = _unit(grad)
         pre = (inverses.inp @ (grad / m) @ inverses.out) * m
-        return (pre, jnp.zeros_like(pre)) if clip else (pre,)
+        return (pre, scaled_inner(pre, grad)) if clip else (pre,)
 
     def in_eigenbasis():
         m, y, x = _eigen_coordinates(grad, basis.q_in, basis.q_out, damped)
         pre = (basis.q_in @ x @ basis.q_out.T) * m
         # |Y / sqrt(D)| = sqrt(|X| |Y|): finite whenever X and Y are.
-        return (pre, (y / jnp.sqrt(damped)) * m) if clip else (pre,)
+        z = y / jnp.sqrt(damped)
+        return (pre, scaled_inner(z, z, 2 * _exponent(m))) if clip else (pre,)
 
     return jax.lax.cond(accurate, with_inverses, in_eigenbasis)
 
@@ -246,8 +305,9 @@ def precondition_factored(
     whose factors are too ill-conditioned for its float precision
     (:func:`inverses_are_accurate` is False) is preconditioned in the eigenbasis instead.
 
-    The clip's quadratic of a layer with inverses is <P(g), g> = sum P(g) * g, taken by
-    :func:`norm_constraint_scale` (its absolute value). The eigenbasis form sums Y^2 / D, a
+    The clip's quadratic of a layer with inverses is <P(g), g> = sum P(g) * g, taken inside
+    the layer's branch (:func:`scaled_inner`; the scale uses the sum's absolute value), so
+    no full-size array leaves the branch but P(g). The eigenbasis form sums Y^2 / D, a
     sum of non-negative terms, but needs Y = Q_in^T g Q_out, the two products saved here.
     In float32 the terms of sum P(g) * g have either sign and carry the inverses' rounding,
     a relative error of up to about eps (kappa_in + kappa_out), which the accuracy check
@@ -273,7 +333,5 @@ def precondition_factored(
     pre = {k: p[0] for k, p in parts.items()}
     if not clip:
         return pre
-    us = {k: jnp.where(accurate[k], pre[k], z) for k, (_, z) in parts.items()}
-    vs = {k: jnp.where(accurate[k], grads[k], z) for k, (_, z) in parts.items()}
-    scale = norm_constraint_scale(us, vs, norm_constraint, learning_rate)
+    scale = clip_scale([p[1] for p in parts.values()], norm_constraint, learning_rate)
     return {k: v * scale.astype(v.dtype) for k, v in pre.items()}

@@ -257,6 +257,26 @@ def test_clip_scale_matches_float64_when_the_quadratic_overflows(magnitude):
     assert got**2 * quadratic <= KAPPA * (1 + 1e-5)
 
 
+def test_clip_scale_sums_layers_of_very_different_magnitudes_as_float64_does():
+    """Each layer's <P(g), g> is scaled by its own power of two: 1e38 beside 1e-38 is exact."""
+    rng = np.random.default_rng(5)
+    grads = {"big": 1e19 * rng.normal(size=(3, 2)), "small": 1e-19 * rng.normal(size=(2, 4))}
+    pre = {"big": grads["big"] * 3.0, "small": grads["small"] / 1e-3}
+    quadratic = sum(np.vdot(pre[k], grads[k]) for k in grads)
+    want = np.sqrt(KAPPA / quadratic)
+    as32 = {k: jnp.asarray(v, jnp.float32) for k, v in pre.items()}
+    got = jit(precondition.norm_constraint_scale)(
+        as32, {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}, KAPPA, 1.0
+    )
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    parts = {
+        k: precondition.scaled_inner(as32[k], jnp.asarray(g, jnp.float32)) for k, g in grads.items()
+    }
+    # |u / U|, |v / V| < 4 term by term: the sum is bounded by its count, never overflows
+    assert all(abs(float(parts[k].total)) < 16 * g.size for k, g in grads.items())
+    assert [int(p.exponent) % 2 for p in parts.values()] == [0, 0]  # even: sqrt(2^E) exact
+
+
 def test_clip_scale_is_zero_not_nan_for_non_finite_inputs():
     g = {"a": jnp.array([[1.0, jnp.inf]])}
     assert float(precondition.norm_constraint_scale(g, g, KAPPA, 1.0)) == 0.0

@@ -27,6 +27,7 @@ _SPEC.loader.exec_module(ttt)
 
 TASKS = ("autoencoder", "classification")
 OPTIMIZER = "kfac"  # one Kronecker optimizer: its compilations dominate the run
+KAPPAS = (1e-3, 1e-2)  # its trust-region grid (one compilation serves both)
 
 
 def _quick_run(out: pathlib.Path) -> dict:
@@ -35,6 +36,7 @@ def _quick_run(out: pathlib.Path) -> dict:
     One run and one test function, so that pytest-xdist's workers do not each repeat it.
     """
     argv = ["--quick", "--tasks", *TASKS, "--optimizers", OPTIMIZER]
+    argv += ["--norm-constraints", *map(str, KAPPAS)]
     argv += ["--json", str(out / "ttt.json"), "--plot", str(out / "ttt.png")]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -75,6 +77,10 @@ def _check_table(name: str, text: str, payload: dict) -> None:
     rows = _table_rows(text)
     expected = ["Adam", ttt.optimizers.DISPLAY_NAMES[OPTIMIZER]]
     assert sorted(rows) == sorted(expected)
+    kfac = payload["tasks"][name]["rows"][1]
+    assert kfac["norm_constraints"] == list(KAPPAS) and kfac["best_norm_constraint"] in KAPPAS
+    display = ttt.optimizers.DISPLAY_NAMES[OPTIMIZER]
+    assert rows[display][2].endswith(f"kappa {kfac['best_norm_constraint']:g}")
     for cells in rows.values():
         time_cell = cells[4]
         assert time_cell == ttt.NOT_REACHED or float(time_cell) > 0
@@ -97,6 +103,15 @@ def _check_target(name: str, payload: dict) -> None:
         assert result["num_eval"] == result["num_train"] == ttt.QUICK_TRAIN
 
 
+def _first(run: dict, target: float, higher: bool) -> float | None:
+    """Cumulative seconds at the run's first record reaching ``target``, or None."""
+    for rec in run["records"]:
+        value = _metric(rec, higher)
+        if value >= target if higher else value <= target:
+            return rec["cumulative_seconds"]
+    return None
+
+
 def _check_times(name: str, payload: dict) -> None:
     """Times are the training seconds at the first epoch that reaches the target."""
     result = payload["tasks"][name]
@@ -104,7 +119,17 @@ def _check_times(name: str, payload: dict) -> None:
     for row in result["rows"]:
         mine = [r for r in result["runs"] if r["optimizer"] == row["optimizer"]]
         assert row["compile_seconds"] >= 0  # 0 if this process had compiled the step before
-        (run,) = [r for r in mine if r["learning_rate"] == row["best_learning_rate"]]
+        kappas = {r["hparams"].get("norm_constraint") for r in mine}
+        assert kappas == ({None} if row["optimizer"] == "adam" else set(KAPPAS))
+        (run,) = [
+            r
+            for r in mine
+            if r["learning_rate"] == row["best_learning_rate"]
+            and r["hparams"].get("norm_constraint") == row["best_norm_constraint"]
+        ]
+        reaches = [_first(r, target, higher) for r in mine]
+        if any(x is not None for x in reaches):  # the best run reaches the target soonest
+            assert _first(run, target, higher) == min(x for x in reaches if x is not None)
         epoch_seconds = np.array([rec["epoch_seconds"] for rec in run["records"]])
         cumulative = np.array([rec["cumulative_seconds"] for rec in run["records"]])
         np.testing.assert_allclose(cumulative, np.cumsum(epoch_seconds), rtol=1e-12)
