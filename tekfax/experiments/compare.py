@@ -38,7 +38,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from typing import Any
 
@@ -547,26 +547,23 @@ def fast_cpu_compilation() -> None:
 CACHE_VARIABLE = "TEKFAX_COMPILATION_CACHE"
 
 
-def compilation_cache_dir() -> str | None:
+def compilation_cache_dir(environ: Mapping[str, str] = os.environ) -> str | None:
     """Where :func:`persistent_compilation_cache` keeps compiled steps, or None for nowhere.
 
     ``$TEKFAX_COMPILATION_CACHE`` if set (``off`` or empty: no cache), else
-    ``$XDG_CACHE_HOME/tekfax/jax`` (``~/.cache/tekfax/jax``).
+    ``$XDG_CACHE_HOME/tekfax/jax`` (``~/.cache/tekfax/jax``), read from ``environ``.
 
     Example:
-      >>> import os
       >>> from tekfax.experiments.compare import compilation_cache_dir
-      >>> os.environ["TEKFAX_COMPILATION_CACHE"] = "off"
-      >>> compilation_cache_dir() is None
+      >>> compilation_cache_dir({"TEKFAX_COMPILATION_CACHE": "off"}) is None
       True
-      >>> del os.environ["TEKFAX_COMPILATION_CACHE"]
-      >>> compilation_cache_dir().endswith(os.path.join("tekfax", "jax"))
-      True
+      >>> compilation_cache_dir({"XDG_CACHE_HOME": "/tmp/cache"})
+      '/tmp/cache/tekfax/jax'
     """
-    chosen = os.environ.get(CACHE_VARIABLE)
+    chosen = environ.get(CACHE_VARIABLE)
     if chosen is not None:
         return None if chosen.strip().lower() in ("", "off") else chosen
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(home, "tekfax", "jax")
 
 
