@@ -315,9 +315,17 @@ def _pair_rule(estimator: str, adaptive: bool, pi_adjusted: bool) -> FactoredRul
     return functools.partial(_kfac_fixed, pi_adjusted=pi_adjusted)
 
 
-def _clamped(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    # A damped eigenvalue beyond the float maximum divides to 0 either way; clamping it
-    # keeps inf out of the state (the guard would otherwise skip every later step).
+def clamped(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``x`` in ``dtype``, at most its float maximum: how every rule returns D (section 4).
+
+    A damped eigenvalue beyond the float maximum divides to 0 either way; clamping it keeps
+    inf out of the state (the guard would otherwise skip every later step).
+
+    Example:
+      >>> from tekfax.damping import clamped
+      >>> clamped(jnp.array([1.0, jnp.inf]), jnp.float32)
+      Array([1.0000000e+00, 3.4028235e+38], dtype=float32)
+    """
     return jnp.minimum(x, jnp.finfo(dtype).max).astype(dtype)
 
 
@@ -352,7 +360,7 @@ def choose_rule(
 
     def damped(bases, s, is_conv, damping, nu):
         out = rule(bases, s, is_conv, damping, nu)
-        return {k: _clamped(out[k], b.eig_in.dtype) for k, b in bases.items()}
+        return {k: clamped(out[k], b.eig_in.dtype) for k, b in bases.items()}
 
     return damped
 
@@ -383,7 +391,7 @@ def choose_factored_rule(
     def rule(bases, s, is_conv, damping, nu):
         out = pairs(bases, s, is_conv, damping, nu)
         return {
-            k: FactoredDamping(*(_clamped(v, b.eig_in.dtype) for v in out[k]))
+            k: FactoredDamping(*(clamped(v, b.eig_in.dtype) for v in out[k]))
             for k, b in bases.items()
         }
 

@@ -540,8 +540,10 @@ def _edges(damped: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _pair_edges(pair: FactoredDamping, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     """The edges of outer(pair) (:func:`_edges`) in O(d_in + d_out), clamped as D is."""
-    top = jnp.finfo(dtype).max
-    return jnp.minimum(pair.inp * pair.out[0], top), jnp.minimum(pair.inp[0] * pair.out, top)
+    return (
+        damping_rules.clamped(pair.inp * pair.out[0], dtype),
+        damping_rules.clamped(pair.inp[0] * pair.out, dtype),
+    )
 
 
 def _cached_inverses(
