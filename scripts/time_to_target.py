@@ -38,6 +38,8 @@ Protocol, per task (``--seed`` for every run):
   ``--norm-constraints`` (default: the library's kappa alone). The trust region's kappa is
   the second axis worth searching: where the KL clip binds on every step (the auto-encoder),
   it alone sets the step length and the learning rate changes nothing.
+* ``--weight-decay`` (default 0) adds the same L2 weight decay to every run, Adam's
+  included (:func:`tekfax.experiments.optimizers.make_optimizer`).
 * **Time to target** of a run: its ``cumulative_seconds`` at the first epoch whose metric
   reaches the target (at least as good), or "not reached". Epoch resolution: the metric is
   only measured at epoch ends, and the time is read there (no interpolation inside the
@@ -67,6 +69,7 @@ images, batch 64, 2 epochs, one learning rate each (Adam 3e-3, the others 0.03).
     python scripts/time_to_target.py --tasks autoencoder --optimizers kfac ekfac tkfac tekfac
     python scripts/time_to_target.py --json ttt.json --plot ttt.png --lrs 0.03 tekfac=0.1,0.3
     python scripts/time_to_target.py --tasks autoencoder --lrs 0.03 --norm-constraints 1e-3 1e-2
+    python scripts/time_to_target.py --tasks classification --weight-decay 3e-3
     python scripts/time_to_target.py --quick
 """
 
@@ -277,7 +280,8 @@ def format_table(task: Task, summary: Mapping, epochs: int, digits: int = 4) -> 
     lines = [
         f"{task.name}: {task.dataset} / {task.model}, batch {task.batch_size}, {epochs} epochs; "
         f"{task.metric} ({'higher' if task.higher else 'lower'} is better); "
-        f"target = Adam's best = {_number(summary['target'], digits)}",
+        f"target = Adam's best = {_number(summary['target'], digits)}"
+        + (f"; weight decay {summary['weight_decay']:g}" if summary.get("weight_decay") else ""),
         "",
         "| optimizer | lrs | best lr | best metric | time to target (s) | epochs to target "
         "| ratio to Adam | s / epoch | compile (s) |",
@@ -321,12 +325,17 @@ def _train_run(
     epochs: int,
     seed: int,
     progress: bool,
+    weight_decay: float = 0.0,
 ) -> Run:
     """Trains one (optimizer, learning rate, kappa) with ``train()``; scores its records.
 
     ``kappa`` None keeps the tool's default norm constraint.
     """
-    hparams = {**optimizers.DEFAULTS[name], "learning_rate": float(lr)}
+    hparams = {
+        **optimizers.DEFAULTS[name],
+        "learning_rate": float(lr),
+        "weight_decay": float(weight_decay),
+    }
     if kappa is not None:
         hparams["norm_constraint"] = float(kappa)
     optimizers.check(name, hparams)
@@ -381,14 +390,16 @@ def run_task(
     seed: int,
     progress: bool = False,
     kappas: Sequence[float | None] = (None,),
+    weight_decay: float = 0.0,
 ) -> dict:
     """Adam and every other optimizer of ``grids`` ({name: learning rates}) on one task.
 
-    The Kronecker optimizers run each learning rate with each norm constraint of ``kappas``.
+    The Kronecker optimizers run each learning rate with each norm constraint of ``kappas``;
+    every run, Adam's included, has the same ``weight_decay``.
     Returns the task, its summary (:func:`summarize`) and every run (records included).
     """
     runs = [
-        _train_run(task, dataset, name, lr, kappa, epochs, seed, progress)
+        _train_run(task, dataset, name, lr, kappa, epochs, seed, progress, weight_decay)
         for name, lrs in grids.items()
         for lr in lrs
         for kappa in (kappas if name in optimizers.KRONECKER else (None,))
@@ -398,6 +409,7 @@ def run_task(
     return {
         "task": task._asdict(),
         "epochs": epochs,
+        "weight_decay": weight_decay,
         "num_train": len(dataset.x_train),
         "num_eval": len(dataset.x_test),
         **summary,
@@ -488,6 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Kronecker optimizers' trust-region grid (default: the library's kappa)",
     )
     parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        metavar="WD",
+        help="L2 weight decay of every run, Adam's included (default 0)",
+    )
+    parser.add_argument(
         "--optimizers", nargs="+", choices=CHOICES, default=list(DEFAULT_OPTIMIZERS)
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -533,6 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be >= 1")
     grids = _grids(args, parser)
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error("--weight-decay must be >= 0")
     single_threaded_lapack()
     env = report.environment()
     print(_device_line(env), file=sys.stderr)
@@ -546,7 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         epochs = args.epochs or task.epochs
         dataset = _task_dataset(task, args.quick, cache)
         kappas = args.norm_constraints or (None,)
-        result = run_task(task, dataset, grids, epochs, args.seed, args.progress, kappas)
+        result = run_task(
+            task, dataset, grids, epochs, args.seed, args.progress, kappas, args.weight_decay
+        )
         payload["tasks"][name] = result
         print(f"\n{format_table(task, result, epochs)}\n")
     payload["wall_seconds"] = time.perf_counter() - started

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from tekfax import losses
+from tekfax.conditional import cond_shaped_like, zeros_shaped
 from tekfax.layers import leaf_paths
 from tekfax.tagging import LayerMeta, stat_dtype, tag_layers
 
@@ -428,21 +429,16 @@ def run_if_needed(
     the model has a convolution.
     """
 
-    def skipped_pass():
-        return jax.tree_util.tree_map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(pass_fn)
-        )
-
     def masked_pass(flag):
         return jax.tree_util.tree_map(
             lambda g: jnp.where(flag, g, jnp.zeros((), g.dtype)), pass_fn()
         )
 
     def cond_pass(flag):
-        return jax.lax.cond(flag, pass_fn, skipped_pass)
+        return cond_shaped_like(flag, pass_fn, zeros_shaped)
 
     if isinstance(compute_stats, bool):
-        return pass_fn() if compute_stats else skipped_pass()
+        return pass_fn() if compute_stats else zeros_shaped(jax.eval_shape(pass_fn))
     if not mask_on_cpu:
         return cond_pass(compute_stats)
     return jax.lax.platform_dependent(compute_stats, cpu=masked_pass, default=cond_pass)

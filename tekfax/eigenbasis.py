@@ -37,9 +37,15 @@ class Eigenbasis(NamedTuple):
 _JITTER = 1e-6
 
 
-def _finite(values: jax.Array, vectors: jax.Array) -> jax.Array:
-    """Per-matrix flag: all eigenvalues and eigenvectors are finite."""
-    return jnp.all(jnp.isfinite(values), axis=-1) & jnp.all(jnp.isfinite(vectors), axis=(-2, -1))
+def _finite(values: jax.Array) -> jax.Array:
+    """Per-matrix flag: the decomposition succeeded, read off its eigenvalues alone.
+
+    jax's eigh (its LAPACK and cuSOLVER lowerings) marks a failed decomposition with NaN in
+    both outputs, and the input is finite (the stored factors are), so the d eigenvalues
+    decide; ``isfinite(max |values|)`` is one reduction, where checking the d^2 eigenvectors
+    too cost a second one per matrix (compile time, docs/algorithms.md, section 8).
+    """
+    return jnp.isfinite(jnp.max(jnp.abs(values), axis=-1))
 
 
 def _symmetrise(matrices: jax.Array) -> jax.Array:
@@ -59,6 +65,9 @@ def _eigh(sym: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     def per_matrix(stack):
         flat = stack.reshape((-1,) + stack.shape[-2:])
+        if flat.shape[0] == 1:  # no slice and stack: each would be a copy XLA compiles
+            values, vectors = jnp.linalg.eigh(flat[0], symmetrize_input=False)
+            return values.reshape(stack.shape[:-1]), vectors.reshape(stack.shape)
         parts = [jnp.linalg.eigh(m, symmetrize_input=False) for m in flat]
         values = jnp.stack([v for v, _ in parts]).reshape(stack.shape[:-1])
         return values, jnp.stack([q for _, q in parts]).reshape(stack.shape)
@@ -94,7 +103,7 @@ def _eigh_all(
             _eigh(s + (jitter * d).astype(s.dtype)[..., None, None] * e)
             for s, d, e in zip(syms, diagonals, eyes, strict=True)
         ]
-        return tries + 1, decomposed, [_finite(v, q) for v, q in decomposed]
+        return tries + 1, decomposed, [_finite(v) for v, _ in decomposed]
 
     def again(carry):
         tries, _, oks = carry

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
+from tekfax.conditional import cond_shaped_like, zeros_shaped
 from tekfax.kronecker import ScaleByKroneckerState
 from tekfax.states import find_outermost
 
@@ -79,10 +79,8 @@ def _guarded_update(inner: optax.GradientTransformationExtraArgs):
         def run():
             return inner.update(updates, state.inner_state, params, **extra_args)
 
-        shapes = jax.eval_shape(run)
-
-        def skip():  # zero updates, the old state (cast to the shapes run() would give)
-            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0])
+        def skip(shapes):  # zero updates, the old state (cast to the shapes run() gives)
+            zeros = zeros_shaped(shapes[0])
             old = jax.tree_util.tree_map(
                 lambda o, s: o if o.dtype == s.dtype else o.astype(s.dtype),
                 state.inner_state,
@@ -91,7 +89,7 @@ def _guarded_update(inner: optax.GradientTransformationExtraArgs):
             return zeros, old
 
         finite_in = _all_finite(updates)
-        new_updates, new_inner = lax.cond(finite_in, run, skip)
+        new_updates, new_inner = cond_shaped_like(finite_in, run, skip)
         finite = finite_in & _all_finite((new_updates, new_inner))
         return jax.tree_util.tree_map(
             lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates

@@ -365,6 +365,45 @@ def test_norm_constraint_flag_reaches_the_optimizer_as_a_traced_value():
     assert float(clipped) < 0.5 * float(free)  # kappa 1e-12 binds where kappa 1 does not
 
 
+def test_weight_decay_flag_preconditions_the_decayed_gradient():
+    """--weight-decay wd: the Kronecker update of g + wd * params (traced), for every
+    optimizer; zero leaves the optimizer as it was; a negative value is refused."""
+    import flax.linen
+    import jax.numpy as jnp
+    import optax
+
+    import tekfax
+
+    model = flax.linen.Dense(2)
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+    params = model.init(jax.random.key(0), x)["params"]
+    out = tekfax.loss_and_curvature(
+        lambda p: model.apply({"params": p}, x), params, jnp.array([0, 1, 1, 0]),
+        rng=jax.random.key(0),
+    )  # fmt: skip
+    hp = optimizers.resolve(["adam", "kfac"], {"weight-decay": ["0.5"], "lr": ["0.1"]})
+    assert hp["adam"]["weight_decay"] == hp["kfac"]["weight_decay"] == 0.5  # a bare value: all
+    numeric, static = optimizers.split(hp["kfac"])
+
+    @jax.jit
+    def tool_update(numeric):
+        opt = optimizers.make_optimizer("kfac", numeric, static, {})
+        return opt.update(out.grads, opt.init(params), params, stats=out.stats)[0]
+
+    preset = tekfax.kfac(0.1)
+    decayed = jax.tree.map(lambda g, p: g + 0.5 * p, out.grads, params)
+    want = preset.update(decayed, preset.init(params), params, stats=out.stats)[0]
+    got = tool_update(jax.tree.map(jnp.asarray, numeric))
+    np.testing.assert_allclose(got["kernel"], want["kernel"], rtol=1e-6)
+    plain = preset.update(out.grads, preset.init(params), params, stats=out.stats)[0]
+    assert float(optax.tree.norm(jax.tree.map(jnp.subtract, got, plain))) > 1e-3
+
+    zero = optimizers.resolve(["kfac"], {})["kfac"]
+    assert zero["weight_decay"] == 0.0 and "weight_decay" not in optimizers.split(zero)[0]
+    with pytest.raises(optimizers.HyperparameterError, match="weight_decay"):
+        optimizers.resolve(["kfac"], {"weight-decay": ["-0.1"]})
+
+
 def test_persistent_compilation_cache_is_the_tools_own_and_can_be_turned_off(tmp_path):
     """The tool stores compiled programs under $TEKFAX_COMPILATION_CACHE; "off" stores none,
     and a cache JAX was given (JAX_COMPILATION_CACHE_DIR) is kept."""

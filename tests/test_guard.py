@@ -300,3 +300,51 @@ def test_compare_tool_skips_nan_batches_and_reports_them(tmp_path, monkeypatch, 
         assert run["warning"].startswith(line) and f"tekfax-compare: {run['warning']}" in err
         assert f"- {run['warning']}\n" in (out / "table.md").read_text()
     assert results["warnings"] == [run["warning"] for run in results["runs"]]
+
+
+class _CountingTransform:
+    """An optax transformation (scale by 2, a float64-free int state) counting its traces."""
+
+    def __init__(self):
+        self.traces = 0
+
+    def build(self) -> optax.GradientTransformation:
+        def update(updates, state, params=None):
+            self.traces += 1
+            return jax.tree.map(lambda u: 2 * u, updates), state + 1
+
+        return optax.GradientTransformation(lambda p: jnp.zeros([], jnp.int32), update)
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_guard_traces_the_inner_update_once_and_skips_with_its_shapes(bad):
+    counting = _CountingTransform()
+    opt = tekfax.skip_non_finite(counting.build())
+    grads = {"w": jnp.array([1.0, jnp.nan if bad else 2.0])}
+    updates, state = jax.jit(opt.update)(grads, opt.init(grads))
+    assert counting.traces == 1  # the skip branch reuses the shapes recorded by run()
+    want = [0.0, 0.0] if bad else [2.0, 4.0]
+    np.testing.assert_array_equal(updates["w"], want)
+    assert int(state.inner_state) == (0 if bad else 1) and int(state.skipped) == int(bad)
+
+
+def test_conditional_stand_in_gets_run_shapes_in_either_trace_order(monkeypatch):
+    """Should lax.cond trace its false branch first, eval_shape supplies the shapes."""
+    from tekfax import conditional
+
+    def run():
+        return {"a": jnp.ones((2, 3), jnp.float32), "b": jnp.arange(4)}
+
+    real_cond = jax.lax.cond
+
+    def false_first(pred, true_fun, false_fun):
+        false_fun(), true_fun()  # trace the stand-in before run
+        return real_cond(pred, true_fun, false_fun)
+
+    for cond in (real_cond, false_first):
+        monkeypatch.setattr(conditional.lax, "cond", cond)
+        out = jax.jit(lambda p: conditional.cond_shaped_like(p, run, conditional.zeros_shaped))(
+            jnp.array(False)
+        )
+        assert out["a"].shape == (2, 3) and out["b"].dtype == jnp.arange(4).dtype
+        assert not out["a"].any() and not out["b"].any()

@@ -99,6 +99,7 @@ _FLAG_HELP = {
     "nu": "trace-adaptive damping nu (a bare value sets tkfac-new only)",
     "momentum": "momentum",
     "norm_constraint": "kappa of the trust region (the KL clip)",
+    "weight_decay": "L2 weight decay wd: wd * params added to the gradient first",
     "eigen_every": "eigendecomposition interval T_INV",
     "curvature_every": "factor update interval T_FIM",
     "rescale_every": "EKFAC/TEKFAC S update interval",

@@ -4,9 +4,9 @@ Eight optimizers: first-order ``sgdm``, ``adam`` and ``eadam``, and the Kronecke
 ``kfac``, ``ekfac``, ``tkfac`` (TKFAC_nor, fixed damping), ``tkfac-new`` (TKFAC_new, the
 trace-adaptive damping ``nu``) and ``tekfac``. Hyperparameters are split in two:
 
-* numeric ones (``learning_rate``, ``damping``, ``nu``, ``momentum``, ``norm_constraint``)
-  are passed to the
-  jitted train step as arrays, so one compilation serves every grid candidate and seed;
+* numeric ones (``learning_rate``, ``damping``, ``nu``, ``momentum``, ``norm_constraint``,
+  ``weight_decay``) are passed to the jitted train step as arrays, so one compilation serves
+  every grid candidate and seed;
 * static ones (``eigen_every``, ``curvature_every``, ``rescale_every``, ``fisher``,
   ``positions``) shape the compiled program.
 
@@ -44,7 +44,7 @@ DISPLAY_NAMES = {
     "tkfac-new": "TKFAC-new",
     "tekfac": "TEKFAC",
 }
-NUMERIC = ("learning_rate", "damping", "nu", "momentum", "norm_constraint")
+NUMERIC = ("learning_rate", "damping", "nu", "momentum", "norm_constraint", "weight_decay")
 STATIC = ("eigen_every", "curvature_every", "rescale_every", "fisher", "positions")
 FISHER = ("sampled", "empirical")
 
@@ -58,7 +58,8 @@ def library_default(key: str) -> Any:
     """The library's default of hyperparameter ``key``; ``inspect.Parameter.empty`` if required.
 
     From the signatures of the presets (``tekfax.kfac``) and, for ``fisher``, of
-    ``tekfax.loss_and_curvature``.
+    ``tekfax.loss_and_curvature``. ``weight_decay`` is 0: the presets apply none (a user
+    chains ``optax.add_decayed_weights`` in front, as :func:`make_optimizer` does).
 
     Example:
       >>> from tekfax.experiments.optimizers import library_default
@@ -67,6 +68,8 @@ def library_default(key: str) -> Any:
     """
     if key == "fisher":
         return inspect.signature(tekfax.loss_and_curvature).parameters["fisher"].default
+    if key == "weight_decay":
+        return 0.0
     return inspect.signature(tekfax.kfac).parameters[key].default
 
 
@@ -87,6 +90,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "tkfac-new": {**_KRONECKER, "nu": 10.0},
     "tekfac": {**_KRONECKER, "damping": library_default("damping")},
 }
+for _hparams in DEFAULTS.values():  # every optimizer takes weight decay, none by default
+    _hparams["weight_decay"] = library_default("weight_decay")
 # Why each tool default that differs from the library's does (README, "Comparing optimizers").
 DIFFERENCES = {
     "learning_rate": "the library has no default; measured on digits + the small CNN",
@@ -100,6 +105,7 @@ FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "nu": ("nu", float),
     "momentum": ("momentum", float),
     "norm-constraint": ("norm_constraint", float),
+    "weight-decay": ("weight_decay", float),
     "eigen-every": ("eigen_every", int),
     "curvature-every": ("curvature_every", int),
     "rescale-every": ("rescale_every", int),
@@ -193,6 +199,9 @@ def check(name: str, hparams: Mapping[str, Any]) -> None:
         value = hparams.get(key)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise HyperparameterError(f"{name}: {key} must be positive, got {value}.")
+    decay = hparams.get("weight_decay", 0.0)
+    if not (math.isfinite(decay) and decay >= 0):
+        raise HyperparameterError(f"{name}: weight_decay must be >= 0, got {decay}.")
     if not 0 <= hparams.get("momentum", 0.0) < 1:
         raise HyperparameterError(f"{name}: momentum must be in [0, 1).")
     for key in ("eigen_every", "curvature_every", "rescale_every"):
@@ -207,8 +216,16 @@ def check(name: str, hparams: Mapping[str, Any]) -> None:
 
 
 def split(hparams: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    """``(numeric, static)`` parts of resolved hyperparameters (see the module docstring)."""
-    numeric = {k: float(v) for k, v in hparams.items() if k in NUMERIC and v is not None}
+    """``(numeric, static)`` parts of resolved hyperparameters (see the module docstring).
+
+    A zero ``weight_decay`` is left out of ``numeric``, so :func:`make_optimizer` builds the
+    optimizer without it: the same program, bit for bit, as before the option existed.
+    """
+    numeric = {
+        k: float(v)
+        for k, v in hparams.items()
+        if k in NUMERIC and v is not None and not (k == "weight_decay" and v == 0)
+    }
     static = {k: v for k, v in hparams.items() if k in STATIC}
     return numeric, static
 
@@ -221,8 +238,26 @@ def make_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
     """Builds optimizer ``name``; numeric values may be traced arrays (inside ``jax.jit``).
 
-    The learning rate follows :func:`learning_rate_schedule`.
+    The learning rate follows :func:`learning_rate_schedule`. With a ``weight_decay`` wd,
+    ``optax.add_decayed_weights(wd)`` comes first: the gradient of the loss plus
+    (wd / 2) |params|^2, so a Kronecker optimizer preconditions the decay with the gradient
+    (L2 regularisation, the ``weight_decay`` of KFAC-PyTorch), and Adam is Adam with L2.
+
+    Example:
+      >>> from tekfax.experiments.optimizers import make_optimizer
+      >>> opt = make_optimizer("sgdm", {"learning_rate": 1.0, "momentum": 0.0,
+      ...                               "weight_decay": 0.5}, {}, {})
+      >>> p = {"w": jnp.array([2.0])}
+      >>> opt.update({"w": jnp.array([1.0])}, opt.init(p), p)[0]["w"]  # -(1 + 0.5 * 2)
+      Array([-2.], dtype=float32)
     """
+    opt = _make_base(name, numeric, static, lr_boundaries)
+    if "weight_decay" in numeric:
+        return optax.chain(optax.add_decayed_weights(numeric["weight_decay"]), opt)
+    return opt
+
+
+def _make_base(name, numeric, static, lr_boundaries) -> optax.GradientTransformationExtraArgs:
     lr = learning_rate_schedule(numeric["learning_rate"], lr_boundaries)
     if name == "sgdm":
         return optax.sgd(lr, momentum=numeric["momentum"])
