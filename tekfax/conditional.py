@@ -35,8 +35,8 @@ def cond_shaped_like(pred: jax.Array, run: Callable[[], Any], stand_in: Callable
 
     ``shapes`` is a pytree of ``jax.ShapeDtypeStruct``. ``lax.cond`` traces its true branch
     before its false one, so ``stand_in`` reads the shapes recorded while ``run`` was traced
-    instead of tracing ``run`` again with ``jax.eval_shape``: on the digits CNN that second
-    trace was half of a TEKFAC step's lowering time (0.32 of 0.67 s). Should a JAX release
+    instead of tracing ``run`` again with ``jax.eval_shape`` (on the digits CNN, lowering a
+    guarded KFAC step took 0.57-0.61 s this way against 0.67 s). Should a JAX release
     trace the branches in the other order, ``stand_in`` falls back to ``jax.eval_shape``, so
     the result does not depend on the order.
 
