@@ -303,7 +303,7 @@ def test_compare_tool_skips_nan_batches_and_reports_them(tmp_path, monkeypatch, 
 
 
 class _CountingTransform:
-    """An optax transformation (scale by 2, a float64-free int state) counting its traces."""
+    """An optax transformation (updates times 2, an int32 step count) counting its traces."""
 
     def __init__(self):
         self.traces = 0

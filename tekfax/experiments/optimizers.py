@@ -239,8 +239,8 @@ def make_optimizer(
     """Builds optimizer ``name``; numeric values may be traced arrays (inside ``jax.jit``).
 
     The learning rate follows :func:`learning_rate_schedule`. With a ``weight_decay`` wd,
-    ``optax.add_decayed_weights(wd)`` comes first: the gradient of the loss plus
-    (wd / 2) |params|^2, so a Kronecker optimizer preconditions the decay with the gradient
+    ``optax.add_decayed_weights(wd)`` comes first, turning the gradient into that of
+    loss + (wd / 2) |params|^2, so a Kronecker optimizer preconditions the decay with it
     (L2 regularisation, the ``weight_decay`` of KFAC-PyTorch), and Adam is Adam with L2.
 
     Example:
