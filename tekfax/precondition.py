@@ -261,31 +261,20 @@ def inverses_are_accurate(damped: jax.Array) -> jax.Array:
     return jnp.finfo(damped.dtype).eps * kappa <= INVERSE_TOLERANCE
 
 
-def _factored_layer(
-    grad: jax.Array,
-    basis: Eigenbasis,
-    damped: jax.Array,
-    inverses: DampedInverses,
-    accurate: jax.Array,
-    clip: bool,
-) -> tuple[jax.Array, ...]:
-    """(P(g),) with the inverses when ``accurate``, else in the eigenbasis; with ``clip``
-    also <P(g), g> as a :func:`scaled_inner`: sum P(g) * g with the inverses, sum Z^2 with
-    Z = Y / sqrt(D) in the eigenbasis."""
+def _with_inverses(grad: jax.Array, inverses: DampedInverses, clip: bool) -> tuple:
+    """(P(g),) = (Inv_in g Inv_out,); with ``clip`` also sum P(g) * g (:func:`scaled_inner`)."""
+    m = _unit(grad)
+    pre = (inverses.inp @ (grad / m) @ inverses.out) * m
+    return (pre, scaled_inner(pre, grad)) if clip else (pre,)
 
-    def with_inverses():
-        m = _unit(grad)
-        pre = (inverses.inp @ (grad / m) @ inverses.out) * m
-        return (pre, scaled_inner(pre, grad)) if clip else (pre,)
 
-    def in_eigenbasis():
-        m, y, x = _eigen_coordinates(grad, basis.q_in, basis.q_out, damped)
-        pre = (basis.q_in @ x @ basis.q_out.T) * m
-        # |Y / sqrt(D)| = sqrt(|X| |Y|): finite whenever X and Y are.
-        z = y / jnp.sqrt(damped)
-        return (pre, scaled_inner(z, z, 2 * _exponent(m))) if clip else (pre,)
-
-    return jax.lax.cond(accurate, with_inverses, in_eigenbasis)
+def _in_eigenbasis(grad: jax.Array, basis: Eigenbasis, damped: jax.Array, clip: bool) -> tuple:
+    """(P(g),) in the eigenbasis; with ``clip`` also sum Z^2, Z = Y / sqrt(D)."""
+    m, y, x = _eigen_coordinates(grad, basis.q_in, basis.q_out, damped)
+    pre = (basis.q_in @ x @ basis.q_out.T) * m
+    # |Y / sqrt(D)| = sqrt(|X| |Y|): finite whenever X and Y are.
+    z = y / jnp.sqrt(damped)
+    return (pre, scaled_inner(z, z, 2 * _exponent(m))) if clip else (pre,)
 
 
 def precondition_factored(
@@ -301,12 +290,15 @@ def precondition_factored(
     For D = outer(d_in, d_out) and the :func:`damped_inverses` of the same basis, the same
     result as :func:`precondition_layers` in 2 matrix products per layer instead of 4
     (docs/algorithms.md, section 5). The gradient is divided by the same power of two m as
-    there (exact), so the products stay finite when g is near the float maximum. A layer
-    whose factors are too ill-conditioned for its float precision
-    (:func:`inverses_are_accurate` is False) is preconditioned in the eigenbasis instead.
+    there (exact), so the products stay finite when g is near the float maximum. When any
+    layer's factors are too ill-conditioned for its float precision
+    (:func:`inverses_are_accurate` is False), every layer is preconditioned in the
+    eigenbasis instead: one ``lax.cond`` for the whole step rather than one per layer, since
+    on a GPU each conditional reads its predicate back to the host. The two forms agree up
+    to rounding, so a well-conditioned layer loses only the two products it saves.
 
     The clip's quadratic of a layer with inverses is <P(g), g> = sum P(g) * g, taken inside
-    the layer's branch (:func:`scaled_inner`; the scale uses the sum's absolute value), so
+    the branch (:func:`scaled_inner`; the scale uses the sum's absolute value), so
     no full-size array leaves the branch but P(g). The eigenbasis form sums Y^2 / D, a
     sum of non-negative terms, but needs Y = Q_in^T g Q_out, the two products saved here.
     In float32 the terms of sum P(g) * g have either sign and carry the inverses' rounding,
@@ -325,11 +317,12 @@ def precondition_factored(
       {'Dense_0': Array([[0.25, 0.25]], dtype=float32)}
     """
     clip = norm_constraint is not None
-    accurate = {k: inverses_are_accurate(d) for k, d in damped.items()}
-    parts = {
-        k: _factored_layer(g, bases[k], damped[k], inverses[k], accurate[k], clip)
-        for k, g in grads.items()
-    }
+    accurate = functools.reduce(jnp.logical_and, [inverses_are_accurate(damped[k]) for k in grads])
+    parts = jax.lax.cond(
+        accurate,
+        lambda: {k: _with_inverses(g, inverses[k], clip) for k, g in grads.items()},
+        lambda: {k: _in_eigenbasis(g, bases[k], damped[k], clip) for k, g in grads.items()},
+    )
     pre = {k: p[0] for k, p in parts.items()}
     if not clip:
         return pre

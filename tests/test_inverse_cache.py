@@ -342,3 +342,26 @@ def test_ill_conditioned_factors_fall_back_to_the_eigenbasis(dtype):
             np.testing.assert_allclose(got["l"], want["l"], rtol=rtol)
             unclipped = precondition.precondition_layers(grads, {"l": basis}, d)["l"]
             assert np.max(np.abs(want["l"])) < 0.5 * np.max(np.abs(unclipped))  # it binds
+
+
+def test_one_ill_conditioned_layer_sends_every_layer_to_the_eigenbasis():
+    """One conditional per step: a well-conditioned layer beside an ill-conditioned one is
+    preconditioned in the eigenbasis too (its deliberately wrong inverses are not used);
+    alone, the same layer uses them."""
+    rng = np.random.default_rng(6)
+    q_in = jnp.asarray(np.linalg.qr(rng.normal(size=(3, 3)))[0], jnp.float32)
+    f32 = jnp.float32  # the test module runs with float64 enabled
+    basis = Eigenbasis(q_in, jnp.ones(3, f32), jnp.eye(2, dtype=f32), jnp.ones(2, f32), None)
+    grads = {k: jnp.asarray(rng.normal(size=(3, 2)), f32) for k in ("good", "bad")}
+    wrong = {k: DampedInverses(jnp.zeros((3, 3), f32), jnp.zeros((2, 2), f32)) for k in grads}
+    d = {
+        k: jnp.outer(jnp.asarray([1.0, 2.0, c], f32), jnp.ones(2, f32))
+        for k, c in (("good", 10.0), ("bad", 1e8))
+    }
+    bases = {k: basis for k in grads}
+    got = precondition.precondition_factored(grads, bases, d, wrong)
+    want = precondition.precondition_layers(grads, bases, d)
+    for k in grads:
+        np.testing.assert_array_equal(got[k], want[k])
+    alone = precondition.precondition_factored({"good": grads["good"]}, bases, d, wrong)
+    np.testing.assert_array_equal(alone["good"], 0.0)

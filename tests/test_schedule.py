@@ -1,6 +1,7 @@
 """Statistics only when consumed (stats_needed / compute_stats) and the eigh fallbacks."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -93,6 +94,26 @@ def test_grouped_eigh_equals_per_matrix_eigh():
         ref_values, _ = np.linalg.eigh(np.asarray(m, np.float64))
         np.testing.assert_allclose(values, ref_values, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose((vectors * values) @ vectors.T, m, rtol=1e-4, atol=1e-4)
+
+
+def _syevd_operands(d: int, platform: str) -> list[str]:
+    """Operand types of the eigh custom calls in the program lowered for ``platform``."""
+    stack = jax.ShapeDtypeStruct((3, d, d), jnp.float32)
+    text = jax.export.export(jax.jit(eigenbasis._eigh), platforms=[platform])(stack)
+    return re.findall(
+        r"custom_call @\w*syevd\w*\(%[^)]*\)[^\n]*?: \((tensor<[0-9x]*f32>)", text.mlir_module()
+    )
+
+
+@pytest.mark.parametrize("platform", ["cuda", "cpu"])
+def test_eigh_batches_only_small_factors_on_gpu(platform):
+    """Lowered (not run) for a GPU: one batched call for d <= BATCHED_EIGH_MAX, one call
+    per matrix above it; the CPU program decomposes matrix by matrix at every size."""
+    small, large = eigenbasis.BATCHED_EIGH_MAX, eigenbasis.BATCHED_EIGH_MAX + 1
+    batched_small = [f"tensor<3x{small}x{small}xf32>"]
+    single = [f"tensor<{small}x{small}xf32>"]
+    assert _syevd_operands(small, platform) == (batched_small if platform == "cuda" else single)
+    assert _syevd_operands(large, platform) == [f"tensor<{large}x{large}xf32>"]
 
 
 def test_eigh_falls_back_instead_of_returning_nan():

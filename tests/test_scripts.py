@@ -133,3 +133,27 @@ def test_bench_autoencoder_uses_the_models_loss():
     np.testing.assert_allclose(float(kronecker_loss(params)), expected, rtol=1e-5)
     dims = bench.layer_dims(bench.stats_shapes(b))
     assert [(d.d_in, d.d_out) for d in dims.values()] == _dense_layers(params)
+
+
+# --- scripts/bench_eigh.py -----------------------------------------------------------------
+
+
+def test_bench_eigh_prints_one_row_per_size_and_names_the_faster_form():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_eigh.py"), "--sizes", "3", "6"]
+        + ["--batch", "3", "--repeats", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    assert f"BATCHED_EIGH_MAX = {tekfax.eigenbasis.BATCHED_EIGH_MAX}" in result.stdout
+    rows = re.findall(
+        r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (batched|single calls) \|$",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert [int(r[0]) for r in rows] == [3, 6]
+    for _, _, batched, singles, faster in rows:  # equal when rounded: either may be faster
+        if float(batched) != float(singles):
+            assert faster == ("batched" if float(batched) < float(singles) else "single calls")
