@@ -241,6 +241,16 @@ def assert_close(actual, expected, rtol: float, atol: float = 0.0, err_msg: str 
     )
 
 
+def assert_trees_close(actual, expected, rtol: float) -> None:
+    """:func:`assert_close` on every pair of leaves of two pytrees of one structure.
+
+    For float32 comparisons of two programs that compute the same function but round
+    differently: an entry that is a small difference of large terms carries the rounding of
+    those terms, so the tolerance is relative to each array's scale, not each entry's.
+    """
+    jax.tree.map(lambda a, e: assert_close(a, e, rtol), actual, expected)
+
+
 # ----------------------------------------------------------------------------- runners
 
 

@@ -424,3 +424,24 @@ def test_bfloat16_params_give_float32_stats():
             np.testing.assert_allclose(
                 stats.out_grads, expected, atol=3e-2 * float(np.abs(expected).max()), err_msg=name
             )
+
+
+def test_sampled_labels_follow_the_softmax():
+    """Inverse transform sampling: label frequencies within 5 standard errors of softmax(f),
+    a class of probability 0 never drawn, and the shape of a sequence model's outputs."""
+    logits = jnp.array([[0.0, 1.0, -jnp.inf, 2.0], [3.0, -1.0, 0.5, -jnp.inf]])
+    logits = jnp.broadcast_to(logits, (3, 2, 4))  # (N, T, C)
+    draws = 20000
+    keys = jax.random.split(jax.random.key(0), draws)
+    labels = np.asarray(
+        jax.vmap(lambda k: sample_targets("softmax_cross_entropy", k, logits))(keys)
+    )
+    assert labels.shape == (draws, 3, 2) and labels.dtype == np.int32
+    p = np.asarray(jax.nn.softmax(logits[0], axis=-1), np.float64)  # (T, C)
+    for t in range(2):
+        freq = np.stack([np.bincount(labels[:, n, t], minlength=4) for n in range(3)]) / draws
+        se = np.sqrt(p[t] * (1 - p[t]) / draws)
+        np.testing.assert_array_less(
+            np.abs(freq - p[t]), np.broadcast_to(5 * se + 1e-12, freq.shape)
+        )
+        assert np.all(freq[:, p[t] == 0] == 0)
