@@ -90,10 +90,9 @@ def sample_targets(loss: str, rng: jax.Array, outputs: jax.Array) -> jax.Array:
     ``jax.random.categorical``'s Gumbel-max trick draws one uniform per class instead; on
     the digits CNN (batch 256, 10 classes, 2-core CPU) those 2,560 draws cost about 0.2 ms
     of every step, since the sampled-label pass of a convolutional model runs on every step
-    on CPU. Bernoulli targets are u < sigmoid(f),
-    Gaussian ones f + N(0, I). The random numbers are drawn as one flat vector
-    (:func:`_flat`), so the labels differ from ``jax.random.categorical``'s for the same key
-    but follow the same distribution.
+    on CPU. Bernoulli targets are u < sigmoid(f), Gaussian ones f + N(0, I). The random
+    numbers are drawn as one flat vector (:func:`_flat`), so the labels differ from
+    ``jax.random.categorical``'s for the same key but follow the same distribution.
 
     Example:
       >>> labels = tekfax.losses.sample_targets("softmax_cross_entropy", rng, logits_fn(params))

