@@ -82,7 +82,8 @@ def _flat(draw: Callable[..., jax.Array], rng: jax.Array, shape: tuple, dtype) -
 
 
 def sample_targets(loss: str, rng: jax.Array, outputs: jax.Array) -> jax.Array:
-    """Draws y ~ p(. | f(x)) from the model's predictive distribution (true Fisher).
+    """Draws y ~ p(. | f(x)) from the model's predictive distribution (true Fisher;
+    docs/algorithms.md, section 1).
 
     Categorical labels by inverse transform sampling: one uniform u per example, and the
     label is the first k whose cumulative probability exceeds u (the sums are float32 or
