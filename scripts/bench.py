@@ -14,7 +14,9 @@ For each model and batch size, in one process:
    its ratio to SGD's, and the compiled program's peak memory (XLA's buffer assignment:
    arguments + outputs + temporaries - aliased, so the statistics branches are counted even
    on steps that skip them) with its ratio to SGD's. Footnotes split the floor into its
-   stages and the memory into optimizer state and the buffers of a statistics step.
+   stages, the memory into optimizer state and the buffers of a statistics step, and the
+   compiled kernels (whose count sets XLA:CPU's compile time) by the tekfax module each
+   comes from (:func:`kernel_sources`).
 2. **Stages** (``--stages``). Each stage of a Kronecker step as its own jitted function of
    the library's internals on the same batch: forward + backward, the extra sampled-label
    backward pass, statistics (im2col and factor products), eigendecompositions, rescale
@@ -244,6 +246,69 @@ def xla_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+_HLO_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+
+
+def _hlo_tables(hlo: str) -> dict[str, dict[int, str]]:
+    """The source tables of an HLO module's text: table name -> {id: entry text}."""
+    tables, current = {name: {} for name in _HLO_TABLES}, None
+    for line in hlo.splitlines():
+        if line in _HLO_TABLES:
+            current = line
+        elif current and re.match(r"^\d+ ", line):
+            key, text = line.split(" ", 1)
+            tables[current][int(key)] = text
+        else:
+            current = None
+    return tables
+
+
+def _fields(entry: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", entry)}
+
+
+def _source_module(frame: int | None, tables: dict) -> str:
+    """The innermost tekfax module (``eigenbasis``, ...) on a stack frame's chain, else
+    "model, loss and optax" (Flax, optax, the benchmark's models), or "unattributed"."""
+    seen = set()
+    while frame and frame not in seen and frame in tables["StackFrames"]:
+        seen.add(frame)
+        ids = _fields(tables["StackFrames"][frame])
+        location = _fields(tables["FileLocations"][ids["file_location_id"]])
+        path = tables["FileNames"][location["file_name_id"]].strip('"')
+        if "/tekfax/" in path and "/experiments/" not in path:
+            return path.rsplit("/", 1)[-1].removesuffix(".py")
+        frame = ids.get("parent_frame_id", 0)
+    return "model, loss and optax" if seen else "unattributed"
+
+
+def kernel_sources(hlo: str) -> collections.Counter:
+    """Kernels XLA compiles separately (fusions and library calls), by source module.
+
+    XLA:CPU compiles every fused kernel on its own, so their count drives compile time
+    (BENCHMARKS.md, targets). A fusion is attributed to the stack frame most of its fused
+    instructions carry, a library call (``eigh``, a product) to its own.
+    """
+    tables = _hlo_tables(hlo)
+    frames, current = collections.defaultdict(list), None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            current = header.group(1)
+        elif current:
+            frames[current] += [int(f) for f in re.findall(r"stack_frame_id=(\d+)", line)]
+    counts = collections.Counter()
+    for line in hlo.splitlines():
+        if " fusion(" in line:
+            called = re.search(r"calls=%([\w.\-]+)", line).group(1)
+            common = collections.Counter(frames[called]).most_common(1)
+            counts[_source_module(common[0][0] if common else None, tables)] += 1
+        elif " custom-call(" in line:
+            frame = re.search(r"stack_frame_id=(\d+)", line)
+            counts[_source_module(int(frame.group(1)) if frame else None, tables)] += 1
+    return counts
+
+
 def _copy(tree):
     return jax.tree_util.tree_map(jnp.copy, tree)
 
@@ -446,6 +511,7 @@ def bench_one(b: Bench, entry: Entry, window: int, warmup: int) -> tuple[dict, A
         "max_s": max(times),
         "compile_s": compile_s,
         "memory": memory(compiled),
+        "kernels": dict(kernel_sources(compiled.as_text()).most_common()),
         "state_mib": state_sizes,
         "finite": bool(np.isfinite(float(loss))),
     }
@@ -661,6 +727,7 @@ def print_steps(name: str, batch: int, result: dict, window: int, rate: float) -
     if _noted(rows):  # footnotes on the Kronecker rows
         print_floor_notes(rows)
         print_memory_notes(rows, result["statistics_mib"])
+        print_kernel_notes(rows)
 
 
 def _noted(rows: list[dict]) -> list[dict]:
@@ -713,6 +780,17 @@ def print_memory_notes(rows: list[dict], stats_mib: dict) -> None:
         "layers' at once, some 2-3 times (a beside its scaled copies for the Gram products, "
         "the per-example gradients beside their squares for S)."
     )
+
+
+def print_kernel_notes(rows: list[dict]) -> None:
+    """Each Kronecker preset's compiled kernels, by the tekfax module they come from."""
+    print(
+        "\nKernels XLA compiles one by one (fusions and library calls; compile time follows "
+        f"their count): {rows[0]['optimizer']} {sum(rows[0]['kernels'].values())}."
+    )
+    for r in _noted(rows):
+        parts = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
+        print(f"- {r['optimizer']}: {sum(r['kernels'].values())}: {parts}")
 
 
 def print_stages(name: str, batch: int, rows: list[dict], peak: float) -> None:

@@ -35,9 +35,13 @@ Protocol, per task (``--seed`` for every run):
   which are the library's except the learning rate (:mod:`tekfax.experiments.optimizers`),
   over ``--lrs`` (default 0.01, 0.03, 0.1: the tool's default 0.03 and its neighbours in the
   papers' grid; ``--lrs 0.03 tekfac=0.1,0.3`` sets one optimizer's grid), times
-  ``--norm-constraints`` (default: the library's kappa alone). The trust region's kappa is
-  the second axis worth searching: where the KL clip binds on every step (the auto-encoder),
-  it alone sets the step length and the learning rate changes nothing.
+  ``--norm-constraints`` (default: the library's kappa alone), times ``--eigen-every``
+  (default: the library's interval alone). The trust region's kappa is the second axis
+  worth searching: where the KL clip binds on every step (the auto-encoder), it alone sets
+  the step length and the learning rate changes nothing. The eigenbasis interval is the
+  third: the library's 100 steps are 12.5 epochs of the auto-encoder's 8 steps, so its
+  first basis, from the initial weights' statistics, serves a quarter of the run. Every
+  interval is a separate compilation (it is static); every kappa shares one.
 * ``--weight-decay`` (default 0) adds the same L2 weight decay to every run, Adam's
   included (:func:`tekfax.experiments.optimizers.make_optimizer`).
 * **Time to target** of a run: its ``cumulative_seconds`` at the first epoch whose metric
@@ -69,6 +73,8 @@ images, batch 64, 2 epochs, one learning rate each (Adam 3e-3, the others 0.03).
     python scripts/time_to_target.py --tasks autoencoder --optimizers kfac ekfac tkfac tekfac
     python scripts/time_to_target.py --json ttt.json --plot ttt.png --lrs 0.03 tekfac=0.1,0.3
     python scripts/time_to_target.py --tasks autoencoder --lrs 0.03 --norm-constraints 1e-3 1e-2
+    python scripts/time_to_target.py --tasks autoencoder --lrs 0.03 --norm-constraints 1e-2 \
+        --eigen-every 25 100
     python scripts/time_to_target.py --tasks classification --weight-decay 3e-3
     python scripts/time_to_target.py --quick
 """
@@ -77,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -92,6 +99,8 @@ ADAM = "adam"
 ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 LRS = (0.01, 0.03, 0.1)
 DEFAULT_OPTIMIZERS = ("kfac", "tekfac")
+# The Kronecker optimizers' grid axes besides the learning rate: hyperparameter -> its label.
+AXES = {"norm_constraint": "kappa", "eigen_every": "eigen_every"}
 CHOICES = tuple(name for name in optimizers.OPTIMIZERS if name != ADAM)
 NOT_REACHED = "not reached"
 
@@ -134,10 +143,6 @@ class Run(NamedTuple):
     compile_seconds: float
     diverged: bool
     skipped_steps: int
-
-    @property
-    def norm_constraint(self) -> float | None:
-        return self.hparams.get("norm_constraint")
 
 
 class Reach(NamedTuple):
@@ -227,8 +232,8 @@ def _summary_row(name: str, runs: Sequence[Run], target, higher: bool, adam_seco
         "optimizer": name,
         "learning_rates": [r.learning_rate for r in runs],
         "best_learning_rate": run.learning_rate,
-        "norm_constraints": sorted({r.norm_constraint for r in runs} - {None}),
-        "best_norm_constraint": run.norm_constraint,
+        "grids": {key: sorted({r.hparams[key] for r in runs if key in r.hparams}) for key in AXES},
+        "best": {key: run.hparams.get(key) for key in AXES},
         "best_metric": best_value(run.metric, higher),
         "seconds_to_target": None if reach is None else reach.seconds,
         "epochs_to_target": None if reach is None else reach.epoch,
@@ -290,10 +295,11 @@ def format_table(task: Task, summary: Mapping, epochs: int, digits: int = 4) -> 
     for row in summary["rows"]:
         lrs = ", ".join(f"{lr:g}" for lr in dict.fromkeys(row["learning_rates"]))
         best = f"{row['best_learning_rate']:g}"
-        kappas = row.get("norm_constraints", [])
-        if len(kappas) > 1:  # a kappa grid: name it and the best run's kappa
-            lrs += " x kappa " + ", ".join(f"{k:g}" for k in kappas)
-            best += f", kappa {row['best_norm_constraint']:g}"
+        for key, label in AXES.items():
+            values = row.get("grids", {}).get(key, [])
+            if len(values) > 1:  # a searched axis: name its values and the best run's
+                lrs += f" x {label} " + ", ".join(f"{v:g}" for v in values)
+                best += f", {label} {row['best'][key]:g}"
         reached = row["seconds_to_target"] is not None
         cells = [
             optimizers.DISPLAY_NAMES.get(row["optimizer"], row["optimizer"]),
@@ -321,26 +327,27 @@ def _train_run(
     dataset: Dataset,
     name: str,
     lr: float,
-    kappa: float | None,
+    variant: Mapping[str, float],
     epochs: int,
     seed: int,
     progress: bool,
     weight_decay: float = 0.0,
 ) -> Run:
-    """Trains one (optimizer, learning rate, kappa) with ``train()``; scores its records.
+    """Trains one (optimizer, learning rate, variant) with ``train()``; scores its records.
 
-    ``kappa`` None keeps the tool's default norm constraint.
+    ``variant`` sets hyperparameters of :data:`AXES` (empty: the tool's defaults).
     """
     hparams = {
         **optimizers.DEFAULTS[name],
         "learning_rate": float(lr),
         "weight_decay": float(weight_decay),
+        **variant,
     }
-    if kappa is not None:
-        hparams["norm_constraint"] = float(kappa)
     optimizers.check(name, hparams)
     config = RunConfig(task.model, name, hparams, seed, epochs, task.batch_size)
-    label = f"{task.name} {name} lr {lr:g}" + ("" if kappa is None else f" kappa {kappa:g}")
+    label = f"{task.name} {name} lr {lr:g}" + "".join(
+        f" {AXES[key]} {value:g}" for key, value in variant.items()
+    )
     result = train(config, dataset, label=label, progress=progress)
     records = result.records
     run = Run(
@@ -389,20 +396,20 @@ def run_task(
     epochs: int,
     seed: int,
     progress: bool = False,
-    kappas: Sequence[float | None] = (None,),
+    variants: Sequence[Mapping[str, float]] = ({},),
     weight_decay: float = 0.0,
 ) -> dict:
     """Adam and every other optimizer of ``grids`` ({name: learning rates}) on one task.
 
-    The Kronecker optimizers run each learning rate with each norm constraint of ``kappas``;
-    every run, Adam's included, has the same ``weight_decay``.
+    The Kronecker optimizers run each learning rate with each of ``variants``
+    (:func:`variant_grid`); every run, Adam's included, has the same ``weight_decay``.
     Returns the task, its summary (:func:`summarize`) and every run (records included).
     """
     runs = [
-        _train_run(task, dataset, name, lr, kappa, epochs, seed, progress, weight_decay)
+        _train_run(task, dataset, name, lr, variant, epochs, seed, progress, weight_decay)
         for name, lrs in grids.items()
         for lr in lrs
-        for kappa in (kappas if name in optimizers.KRONECKER else (None,))
+        for variant in (variants if name in optimizers.KRONECKER else ({},))
     ]
     names = [name for name in grids if name != ADAM]
     summary = summarize(runs, names, task.higher)
@@ -415,6 +422,19 @@ def run_task(
         **summary,
         "runs": [run._asdict() for run in runs],
     }
+
+
+def variant_grid(axes: Mapping[str, Sequence[float] | None]) -> list[dict[str, float]]:
+    """Every combination of the given axes' values; an axis given None keeps its default.
+
+    Example:
+      >>> variant_grid({"norm_constraint": [1e-3, 1e-2], "eigen_every": [25]})
+      [{'norm_constraint': 0.001, 'eigen_every': 25}, {'norm_constraint': 0.01, 'eigen_every': 25}]
+      >>> variant_grid({"norm_constraint": None, "eigen_every": None})
+      [{}]
+    """
+    given = {key: values for key, values in axes.items() if values}
+    return [dict(zip(given, combo, strict=True)) for combo in itertools.product(*given.values())]
 
 
 def parse_lrs(tokens: Sequence[str], names: Sequence[str]) -> dict[str, list[float]]:
@@ -452,12 +472,13 @@ def _plot(path: str, tasks: Mapping[str, dict]) -> None:
                 for r in result["runs"]
                 if r["optimizer"] == row["optimizer"]
                 and r["learning_rate"] == row["best_learning_rate"]
-                and r["hparams"].get("norm_constraint") == row["best_norm_constraint"]
+                and all(r["hparams"].get(k) == v for k, v in row["best"].items())
             )
             name = optimizers.DISPLAY_NAMES.get(row["optimizer"], row["optimizer"])
             label = f"{name} (lr {row['best_learning_rate']:g}"
-            if len(row.get("norm_constraints", [])) > 1:
-                label += f", kappa {row['best_norm_constraint']:g}"
+            for key, axis in AXES.items():
+                if len(row["grids"][key]) > 1:
+                    label += f", {axis} {row['best'][key]:g}"
             label += ")"
             ax.plot(run["seconds"], run["metric"], marker=".", label=label)
         if result["target"] is not None:
@@ -500,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Kronecker optimizers' trust-region grid (default: the library's kappa)",
     )
     parser.add_argument(
+        "--eigen-every",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="the Kronecker optimizers' eigenbasis-interval grid (default: the library's)",
+    )
+    parser.add_argument(
         "--weight-decay",
         type=float,
         default=0.0,
@@ -539,6 +567,8 @@ def _grids(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[st
             optimizers.check(ADAM, {"learning_rate": lr})
         for kappa in args.norm_constraints or ():
             optimizers.check("kfac", {"norm_constraint": kappa})
+        if any(n < 1 for n in args.eigen_every or ()):
+            raise ValueError("--eigen-every: intervals must be >= 1")
     except ValueError as err:  # HyperparameterError is a ValueError
         parser.error(str(err))
     adam_lrs = args.adam_lrs or list(QUICK_ADAM_LRS if args.quick else ADAM_LRS)
@@ -566,9 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             task = task._replace(dataset=QUICK_DATASET, batch_size=QUICK_BATCH, epochs=QUICK_EPOCHS)
         epochs = args.epochs or task.epochs
         dataset = _task_dataset(task, args.quick, cache)
-        kappas = args.norm_constraints or (None,)
+        variants = variant_grid(
+            {"norm_constraint": args.norm_constraints, "eigen_every": args.eigen_every}
+        )
         result = run_task(
-            task, dataset, grids, epochs, args.seed, args.progress, kappas, args.weight_decay
+            task, dataset, grids, epochs, args.seed, args.progress, variants, args.weight_decay
         )
         payload["tasks"][name] = result
         print(f"\n{format_table(task, result, epochs)}\n")

@@ -420,13 +420,15 @@ def run_if_needed(
 
     A Python bool decides at trace time. A traced flag decides at run time with
     ``lax.cond``, which skips the pass, except on CPU with ``mask_on_cpu``: there the pass
-    runs and is masked. XLA:CPU runs a conditional's branches as nested computations, and
-    convolutions and their transposes measured slower there: on the digits CNN (batch 256,
-    2 cores) a whole KFAC step took 5.6 ms with the pass masked against 6.4 ms under
-    ``lax.cond``, TEKFAC 6.0 against 7.2 ms. Dense-only models gain from the cond: the MNIST
-    auto-encoder's KFAC step 136 ms against 144 ms masked, the digits MLP's 1.02 against
-    1.10 ms (scripts/bench.py, BENCHMARKS.md). :func:`loss_and_curvature` masks on CPU when
-    the model has a convolution.
+    runs and is masked. XLA:CPU runs a convolution's gradients 20-75x slower inside a
+    conditional's branch than outside it (scripts/bench_conditional.py; matrix products and
+    forward convolutions run at the same speed), and the sampled pass is made of input
+    gradients. Measured mean steps with the library's intervals, masked against the cond:
+    digits CNN (batch 256) KFAC 5.6 against 6.4 ms, TEKFAC 6.0 against 7.2 ms; ResNet20
+    (batch 128) KFAC 816-823 against 889-912 ms, TEKFAC 881-896 against 980-996 ms. Dense
+    models gain from the cond: the MNIST auto-encoder's KFAC step 136 against 144 ms, the
+    digits MLP's 1.02 against 1.10 ms (BENCHMARKS.md). :func:`loss_and_curvature` masks on
+    CPU when the model has a convolution (docs/algorithms.md, section 8).
     """
 
     def masked_pass(flag):

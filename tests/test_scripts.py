@@ -10,10 +10,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tekfax
+from tests._formulas import assert_trees_close
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,12 +52,20 @@ MIB = 2.0**20
 
 
 @functools.cache
-def _bench():
-    """scripts/bench.py as a module (scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location("tekfax_bench", ROOT / "scripts" / "bench.py")
+def _script(name: str):
+    """scripts/<name>.py as a module (scripts/ is no package; a script may import another)."""
+    spec = importlib.util.spec_from_file_location(f"tekfax_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
     return module
+
+
+def _bench():
+    return _script("bench")
 
 
 def _dense_layers(params) -> list[tuple[int, int]]:
@@ -111,6 +121,29 @@ def test_bench_smoke_table_floor_and_memory(tmp_path):
     assert kfac["memory_ratio"] == pytest.approx(kfac["memory"]["peak"] / sgd["memory"]["peak"])
     inputs = batch * sum(i - 1 for i, _ in layers) * 4 / MIB
     assert steps["statistics_mib"]["layer inputs"][0] == pytest.approx(inputs)
+    # compiled kernels: SGD's come from no tekfax module, KFAC's from its stages
+    assert "Kernels XLA compiles one by one" in result.stdout
+    stages = {"curvature", "eigenbasis", "precondition", "guard"}
+    assert not set(sgd["kernels"]) & (stages | {"capture"})
+    assert stages <= set(kfac["kernels"])
+    assert sum(kfac["kernels"].values()) > sum(sgd["kernels"].values())
+
+
+def test_kernel_sources_counts_every_kernel_by_its_module():
+    """Every fusion and library call of a compiled program is counted once, under the tekfax
+    module whose code made it: eigh under eigenbasis, the rest under the module it ran in."""
+    from tekfax import curvature, eigenbasis
+
+    def fn(x):
+        ((values, vectors),) = eigenbasis._eigh_all([x @ x.T])
+        return jnp.sin(values).sum(), vectors, curvature.power_of_two(x)  # a fusion of its own
+
+    hlo = jax.jit(fn).lower(jnp.ones((4, 4))).compile().as_text()
+    counts = _bench().kernel_sources(hlo)
+    kernels = len(re.findall(r" (?:fusion|custom-call)\(", hlo))
+    assert sum(counts.values()) == kernels > 0
+    assert counts["eigenbasis"] >= 1 and counts["curvature"] >= 1
+    assert set(counts) <= {"eigenbasis", "curvature", "model, loss and optax", "unattributed"}
 
 
 def test_bench_autoencoder_uses_the_models_loss():
@@ -157,3 +190,35 @@ def test_bench_eigh_prints_one_row_per_size_and_names_the_faster_form():
     for _, _, batched, singles, faster in rows:  # equal when rounded: either may be faster
         if float(batched) != float(singles):
             assert faster == ("batched" if float(batched) < float(singles) else "single calls")
+
+
+# --- scripts/bench_conditional.py ------------------------------------------------------------
+
+
+def test_bench_conditional_times_each_kernel_in_a_conditional_that_xla_keeps():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_conditional.py"), "--batch", "2"]
+        + ["--size", "4", "--channels", "3", "--repeats", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    rows = re.findall(
+        r"^\| ([a-z ,0-9x]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$", result.stdout, re.M
+    )
+    assert [r[0] for r in rows] == [
+        "matrix product 1024 x 1024",
+        "convolution",
+        "convolution, input gradient",
+        "convolution, kernel gradient",
+    ]
+    # What is timed: each kernel's value, and a real conditional whose other branch gives 0.
+    bench = _script("bench_conditional")
+    for fn, arg in bench.kernels(2, 4, 3).values():
+        branched = bench.in_cond(fn)
+        # the conditional's kernels round differently: compare at the array's scale
+        assert_trees_close(branched((jax.numpy.array(True), arg)), fn(arg), rtol=1e-5)
+        assert not np.any(branched((jax.numpy.array(False), arg)))
+        text = branched.lower((jax.numpy.array(True), arg)).compile().as_text()
+        assert "conditional(" in text

@@ -28,6 +28,7 @@ _SPEC.loader.exec_module(ttt)
 TASKS = ("autoencoder", "classification")
 OPTIMIZER = "kfac"  # one Kronecker optimizer: its compilations dominate the run
 KAPPAS = (1e-3, 1e-2)  # its trust-region grid (one compilation serves both)
+EIGEN_EVERY = 5  # one eigenbasis interval (each is a compilation), not the library's
 
 
 def _quick_run(out: pathlib.Path) -> dict:
@@ -36,7 +37,7 @@ def _quick_run(out: pathlib.Path) -> dict:
     One run and one test function, so that pytest-xdist's workers do not each repeat it.
     """
     argv = ["--quick", "--tasks", *TASKS, "--optimizers", OPTIMIZER]
-    argv += ["--norm-constraints", *map(str, KAPPAS)]
+    argv += ["--norm-constraints", *map(str, KAPPAS), "--eigen-every", str(EIGEN_EVERY)]
     argv += ["--json", str(out / "ttt.json"), "--plot", str(out / "ttt.png")]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -78,9 +79,12 @@ def _check_table(name: str, text: str, payload: dict) -> None:
     expected = ["Adam", ttt.optimizers.DISPLAY_NAMES[OPTIMIZER]]
     assert sorted(rows) == sorted(expected)
     kfac = payload["tasks"][name]["rows"][1]
-    assert kfac["norm_constraints"] == list(KAPPAS) and kfac["best_norm_constraint"] in KAPPAS
+    assert kfac["grids"] == {"norm_constraint": list(KAPPAS), "eigen_every": [EIGEN_EVERY]}
+    assert kfac["best"]["norm_constraint"] in KAPPAS
     display = ttt.optimizers.DISPLAY_NAMES[OPTIMIZER]
-    assert rows[display][2].endswith(f"kappa {kfac['best_norm_constraint']:g}")
+    # a searched axis is named with the best run's value; a single value is not
+    assert rows[display][1].endswith(" x kappa " + ", ".join(f"{k:g}" for k in KAPPAS))
+    assert rows[display][2].endswith(f"kappa {kfac['best']['norm_constraint']:g}")
     for cells in rows.values():
         time_cell = cells[4]
         assert time_cell == ttt.NOT_REACHED or float(time_cell) > 0
@@ -121,11 +125,13 @@ def _check_times(name: str, payload: dict) -> None:
         assert row["compile_seconds"] >= 0  # 0 if this process had compiled the step before
         kappas = {r["hparams"].get("norm_constraint") for r in mine}
         assert kappas == ({None} if row["optimizer"] == "adam" else set(KAPPAS))
+        intervals = {r["hparams"].get("eigen_every") for r in mine}
+        assert intervals == ({None} if row["optimizer"] == "adam" else {EIGEN_EVERY})
         (run,) = [
             r
             for r in mine
             if r["learning_rate"] == row["best_learning_rate"]
-            and r["hparams"].get("norm_constraint") == row["best_norm_constraint"]
+            and all(r["hparams"].get(k) == v for k, v in row["best"].items())
         ]
         reaches = [_first(r, target, higher) for r in mine]
         if any(x is not None for x in reaches):  # the best run reaches the target soonest
@@ -158,3 +164,18 @@ def test_quick_run_tables_targets_times_and_plot(tmp_path):
 def test_docstring_examples():
     result = doctest.testmod(ttt, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--eigen-every", "0", "--eigen-every: intervals must be >= 1"),
+        ("--norm-constraints", "-1", "norm_constraint must be positive"),
+    ],
+)
+def test_bad_grid_values_are_usage_errors(flag, value, message, capsys):
+    """A bad grid value stops the script before any training, with a message naming it."""
+    with pytest.raises(SystemExit) as exit_info:
+        ttt.main(["--quick", flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
