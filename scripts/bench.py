@@ -739,19 +739,26 @@ def _noted(rows: list[dict]) -> list[dict]:
     return list(first.values())
 
 
+def _print_notes(heading: str, rows: list[dict], line: Callable[[dict], str]) -> None:
+    """A footnote: ``heading``, then one line per noted Kronecker row."""
+    print(heading)
+    for r in _noted(rows):
+        print(f"- {r['optimizer']}: {line(r)}")
+
+
 def print_floor_notes(rows: list[dict]) -> None:
     """Each Kronecker preset's floor split into its stages."""
-    print(
+    heading = (
         "\nFloor per step by stage (GFLOP, amortised over the intervals; "
         f"eigh {EIGH_FLOPS:g} d^3 per factor and refresh):"
     )
-    for r in _noted(rows):
-        parts = ", ".join(f"{k} {v / 1e9:.4f}" for k, v in r["floor_flops"].items())
-        print(f"- {r['optimizer']}: {parts}")
+    _print_notes(heading, rows, lambda r: _items(r["floor_flops"], 1e9, 4))
 
 
-def _items(sizes: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in sizes.items() if v >= 0.005)
+def _items(sizes: dict[str, float], unit: float = 1.0, digits: int = 2) -> str:
+    """ "k v, ..." with v / unit to ``digits`` places; values that round to 0 are left out."""
+    shown = {k: v / unit for k, v in sizes.items()}
+    return ", ".join(f"{k} {v:.{digits}f}" for k, v in shown.items() if round(v, digits))
 
 
 def print_memory_notes(rows: list[dict], stats_mib: dict) -> None:
@@ -784,13 +791,13 @@ def print_memory_notes(rows: list[dict], stats_mib: dict) -> None:
 
 def print_kernel_notes(rows: list[dict]) -> None:
     """Each Kronecker preset's compiled kernels, by the tekfax module they come from."""
-    print(
+    heading = (
         "\nKernels XLA compiles one by one (fusions and library calls; compile time follows "
         f"their count): {rows[0]['optimizer']} {sum(rows[0]['kernels'].values())}."
     )
-    for r in _noted(rows):
-        parts = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
-        print(f"- {r['optimizer']}: {sum(r['kernels'].values())}: {parts}")
+    _print_notes(
+        heading, rows, lambda r: f"{sum(r['kernels'].values())}: {_items(r['kernels'], 1, 0)}"
+    )
 
 
 def print_stages(name: str, batch: int, rows: list[dict], peak: float) -> None:

@@ -21,7 +21,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from bench_eigh import median_ms
+from bench_eigh import header, median_ms
 from jax import lax
 
 from tekfax.experiments.compare import single_threaded_lapack
@@ -69,12 +69,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     single_threaded_lapack()
-    device = jax.devices()[0]
-    print(
-        f"device: {device.platform} ({device.device_kind}); jax {jax.__version__}; "
-        f"batch {args.batch}, {args.size}x{args.size}x{args.channels}, 3x3 kernel; "
-        f"median of {args.repeats}\n"
-    )
+    shape = f"{args.size}x{args.size}x{args.channels}"
+    print(header(f"batch {args.batch}, {shape}, 3x3 kernel; median of {args.repeats}\n"))
     print("| operation | plain (ms) | inside lax.cond (ms) | cond / plain |")
     print("|---|---|---|---|")
     flag = jnp.array(True)

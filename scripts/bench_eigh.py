@@ -37,6 +37,12 @@ def median_ms(fn, x, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def header(details: str) -> str:
+    """The first line of a benchmark's output: device, jax version, then ``details``."""
+    device = jax.devices()[0]
+    return f"device: {device.platform} ({device.device_kind}); jax {jax.__version__}; {details}"
+
+
 def spd(d: int, seed: int) -> np.ndarray:
     """A random symmetric positive definite (d, d) float32 matrix, like a Kronecker factor."""
     b = np.random.default_rng(seed).standard_normal((d, 2 * d)).astype(np.float32)
@@ -62,11 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     single_threaded_lapack()
-    device = jax.devices()[0]
-    print(
-        f"device: {device.platform} ({device.device_kind}); jax {jax.__version__}; "
-        f"BATCHED_EIGH_MAX = {BATCHED_EIGH_MAX}; median of {args.repeats}\n"
-    )
+    print(header(f"BATCHED_EIGH_MAX = {BATCHED_EIGH_MAX}; median of {args.repeats}\n"))
     b = args.batch
     print(f"| d | one call (ms) | batch of {b} (ms) | {b} single calls (ms) | faster |")
     print("|---|---|---|---|---|")
