@@ -218,7 +218,7 @@ def test_bench_conditional_times_each_kernel_in_a_conditional_that_xla_keeps():
     for fn, arg in bench.kernels(2, 4, 3).values():
         branched = bench.in_cond(fn)
         # the conditional's kernels round differently: compare at the array's scale
-        assert_trees_close(branched((jax.numpy.array(True), arg)), fn(arg), rtol=1e-5)
-        assert not np.any(branched((jax.numpy.array(False), arg)))
-        text = branched.lower((jax.numpy.array(True), arg)).compile().as_text()
+        assert_trees_close(branched((jnp.array(True), arg)), fn(arg), rtol=1e-5)
+        assert not np.any(branched((jnp.array(False), arg)))
+        text = branched.lower((jnp.array(True), arg)).compile().as_text()
         assert "conditional(" in text
