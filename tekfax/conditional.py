@@ -1,8 +1,7 @@
 """Conditional stages: run a computation only when its result is needed, tracing it once.
 
-The guard (skip a non-finite step) and the statistics pass (skip it when no statistics are
-due) both need ``lax.cond(pred, run, stand_in)`` where the stand-in returns values shaped
-like ``run``'s outputs: zeros, or the old state cast to the new dtypes.
+The statistics pass (skip it when no statistics are due) needs ``lax.cond(pred, run,
+stand_in)`` where the stand-in returns zeros shaped like ``run``'s outputs.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ parameters or its curvature state. :func:`skip_non_finite` wraps any optax trans
 the inner transformation's own outputs, and it never gives up: a non-finite step returns zero
 updates and the old inner state, and counts the skip. Curvature statistics are checked where
 they are consumed: the Kronecker stages reject a non-finite batch of statistics and keep
-their averages (docs/algorithms.md, section 9), so a step with finite gradients but a bad
-``stats=`` is applied with the curvature of the previous batches.
+their averages, and leave their whole state as it was on non-finite gradients
+(docs/algorithms.md, section 9), so a step with finite gradients but a bad ``stats=`` is
+applied with the curvature of the previous batches.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tekfax.conditional import cond_shaped_like, zeros_shaped
-from tekfax.kronecker import ScaleByKroneckerState
+from tekfax.kronecker import ScaleByKroneckerState, all_finite
 from tekfax.states import find_outermost
 
 
@@ -45,22 +45,13 @@ def _guards_itself(node: Any) -> bool:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    """True when every inexact array leaf of ``tree`` is finite (integer leaves always are).
+    """:func:`tekfax.kronecker.all_finite` of ``tree`` without the subtrees that guard themselves.
 
-    Subtrees that guard themselves are not read: a ``ScaleByKroneckerState`` rejects
-    non-finite statistics in its curvature and rescale stages and clamps D, so from finite
-    gradients it stays finite. Each leaf is checked as ``isfinite(max |x|)`` (XLA's max
-    propagates NaN), one float reduction; ``all(isfinite(x))`` wrote a boolean array and
-    reduced it in two more passes (6.4 of the 106 ms of a KFAC step on the MNIST
-    auto-encoder, 2-core CPU).
+    A ``ScaleByKroneckerState`` rejects non-finite statistics in its curvature and rescale
+    stages, keeps its state on non-finite gradients and clamps D, so it stays finite.
     """
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=_guards_itself)
-    flags = [
-        jnp.isfinite(jnp.max(jnp.abs(leaf))) if leaf.size else jnp.array(True)
-        for leaf in leaves
-        if not _guards_itself(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+    return all_finite([leaf for leaf in leaves if not _guards_itself(leaf)])
 
 
 def _revert(finite: jax.Array, new: Any, old: Any) -> Any:
@@ -76,21 +67,8 @@ def _guarded_update(inner: optax.GradientTransformationExtraArgs):
     """The update of :func:`skip_non_finite` (its docstring says what is skipped and how)."""
 
     def update_fn(updates, state, params=None, **extra_args):
-        def run():
-            return inner.update(updates, state.inner_state, params, **extra_args)
-
-        def skip(shapes):  # zero updates, the old state (cast to the shapes run() gives)
-            zeros = zeros_shaped(shapes[0])
-            old = jax.tree_util.tree_map(
-                lambda o, s: o if o.dtype == s.dtype else o.astype(s.dtype),
-                state.inner_state,
-                shapes[1],
-            )
-            return zeros, old
-
-        finite_in = _all_finite(updates)
-        new_updates, new_inner = cond_shaped_like(finite_in, run, skip)
-        finite = finite_in & _all_finite((new_updates, new_inner))
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        finite = _all_finite(updates) & _all_finite((new_updates, new_inner))
         return jax.tree_util.tree_map(
             lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
         ), SkipNonFiniteState(
@@ -107,16 +85,24 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
     """Skips every step whose inputs or results are not finite; counts the skips.
 
     A step is applied only when all of these are finite: the incoming updates (gradients),
-    and the updates and new state the inner transformation returns. Non-finite gradients
-    skip the inner update altogether (``lax.cond``): the step returns zero updates (so
-    ``optax.apply_updates`` leaves the parameters as they were) and the *old* inner state,
-    so the factors, eigenbases, S, moments and step counts are exactly those before the
-    step. Finite gradients with a non-finite result also return zero updates and the old
-    state, except for a Kronecker state (``ScaleByKroneckerState``): it guards itself (its
-    stages reject non-finite ``stats=`` and keep every value they store finite), so it is
-    neither re-read nor reverted, and keeps what it learnt from the finite batch. Checking
-    and selecting the whole Kronecker state every step cost 40 of the 148 ms of a KFAC step
-    on the MNIST auto-encoder (2-core CPU); this way the guard costs about 10 ms there.
+    and the updates and new state the inner transformation returns. A skipped step returns
+    zero updates (so ``optax.apply_updates`` leaves the parameters as they were) and the
+    *old* inner state: moments, counts and schedules are exactly those before the step.
+    A Kronecker state (``ScaleByKroneckerState``) guards itself and is neither re-read nor
+    reverted: on non-finite gradients its update changes nothing (no stage runs, the count
+    stays), so its factors, eigenbases and S are also exactly those before the step; on
+    finite gradients it rejects non-finite ``stats=``, keeps every value it stores finite,
+    and so keeps what it learnt from a finite batch whose result elsewhere was not finite.
+
+    The inner update always runs, like ``optax.apply_if_finite``'s, and only the state
+    outside the Kronecker stages is selected. Checking and selecting the whole Kronecker
+    state every step cost 40 of the 148 ms of a KFAC step on the MNIST auto-encoder (2-core
+    CPU). Skipping the inner update under ``lax.cond`` instead made XLA copy the factors
+    and eigenbases that the Kronecker stages' own conditionals pass through unchanged, out of
+    the outer conditional, on every step: TEKFAC's mean step there was 154-172 ms that way
+    against 139-156 ms this way, in a step jitted with its state donated (undonated, the new
+    state needs new buffers and the copies are made either way).
+
     Extra arguments pass through to ``inner``, so the wrapper composes in ``optax.chain``
     and jits with one compilation. Unlike ``optax.apply_if_finite`` there is no limit on
     consecutive skips: a run that only produces NaN stops moving rather than being
