@@ -1,7 +1,8 @@
 """Conditional stages: run a computation only when its result is needed, tracing it once.
 
-The statistics pass (skip it when no statistics are due) needs ``lax.cond(pred, run,
-stand_in)`` where the stand-in returns zeros shaped like ``run``'s outputs.
+The statistics pass (skip it when no statistics are due) and, off the CPU, the guard's
+inner update (skip it on non-finite gradients) need ``lax.cond(pred, run, stand_in)``
+where the stand-in returns values shaped like ``run``'s outputs.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tekfax.conditional import cond_shaped_like, zeros_shaped
 from tekfax.kronecker import ScaleByKroneckerState, all_finite
 from tekfax.states import find_outermost
 
@@ -63,12 +64,43 @@ def _revert(finite: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(pick, new, old, is_leaf=_guards_itself)
 
 
+def skips_under_cond() -> bool:
+    """Whether :func:`skip_non_finite` skips the inner update under ``lax.cond``.
+
+    Decided when the step is traced, from ``jax.default_backend()``: False on CPU, True
+    elsewhere. Either form gives the same results; they differ in speed, each way on one
+    backend (docs/algorithms.md, section 9, and the docstring of :func:`skip_non_finite`).
+
+    Example:
+      >>> from tekfax.guard import skips_under_cond
+      >>> skips_under_cond() == (jax.default_backend() != "cpu")
+      True
+    """
+    return jax.default_backend() != "cpu"
+
+
+def _old_state_shaped(old: Any, shapes: tuple[Any, Any]) -> tuple[Any, Any]:
+    """The skipped branch: zero updates and ``old`` cast to the dtypes the inner update gives."""
+    return zeros_shaped(shapes[0]), jax.tree_util.tree_map(
+        lambda o, s: o if o.dtype == s.dtype else o.astype(s.dtype), old, shapes[1]
+    )
+
+
 def _guarded_update(inner: optax.GradientTransformationExtraArgs):
     """The update of :func:`skip_non_finite` (its docstring says what is skipped and how)."""
 
     def update_fn(updates, state, params=None, **extra_args):
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        finite = _all_finite(updates) & _all_finite((new_updates, new_inner))
+        def run():
+            return inner.update(updates, state.inner_state, params, **extra_args)
+
+        finite_in = _all_finite(updates)
+        if skips_under_cond():
+            new_updates, new_inner = cond_shaped_like(
+                finite_in, run, lambda shapes: _old_state_shaped(state.inner_state, shapes)
+            )
+        else:
+            new_updates, new_inner = run()
+        finite = finite_in & _all_finite((new_updates, new_inner))
         return jax.tree_util.tree_map(
             lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
         ), SkipNonFiniteState(
@@ -94,14 +126,19 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
     finite gradients it rejects non-finite ``stats=``, keeps every value it stores finite,
     and so keeps what it learnt from a finite batch whose result elsewhere was not finite.
 
-    The inner update always runs, like ``optax.apply_if_finite``'s, and only the state
-    outside the Kronecker stages is selected. Checking and selecting the whole Kronecker
-    state every step cost 40 of the 148 ms of a KFAC step on the MNIST auto-encoder (2-core
-    CPU). Skipping the inner update under ``lax.cond`` instead made XLA copy the factors
-    and eigenbases that the Kronecker stages' own conditionals pass through unchanged, out of
-    the outer conditional, on every step: TEKFAC's mean step there was 154-172 ms that way
-    against 139-156 ms this way, in a step jitted with its state donated (undonated, the new
-    state needs new buffers and the copies are made either way).
+    Only the state outside the Kronecker stages is selected: checking and selecting the
+    whole Kronecker state every step cost 40 of the 148 ms of a KFAC step on the MNIST
+    auto-encoder (2-core CPU). Whether non-finite gradients skip the inner update depends
+    on the backend (:func:`skips_under_cond`), by measurement:
+
+    - CPU: the inner update always runs, like ``optax.apply_if_finite``'s. Under
+      ``lax.cond``, XLA:CPU copied the factors and eigenbases that the Kronecker stages' own
+      conditionals pass through unchanged out of the outer conditional on every step:
+      TEKFAC's mean step on the auto-encoder was 154-172 ms that way against 139-156 ms
+      this way (state donated).
+    - GPU and other backends: the inner update runs under ``lax.cond``. On an H100 the
+      unconditional form made TEKFAC's median step 0.6-2.8 ms longer (ResNet20, batch 128:
+      9.4-10.7 against 6.9-7.9 ms; the auto-encoder: 3.1-3.5 against 2.4-2.5 ms).
 
     Extra arguments pass through to ``inner``, so the wrapper composes in ``optax.chain``
     and jits with one compilation. Unlike ``optax.apply_if_finite`` there is no limit on

@@ -7,6 +7,9 @@ The reference for a run with bad batches is the same run with those batches left
 skipped step must leave parameters and optimizer state exactly as they were, so the two
 runs end bit for bit equal. Batches carry their own Fisher key, so leaving one out does not
 shift the labels the others sample.
+
+The guard takes one of two forms by backend (:func:`tekfax.guard.skips_under_cond`); the
+tests run the CPU form, and the form of the other backends where ``under_cond`` says so.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _params():
 
 
 @functools.cache
-def _step(name: str):
+def _step(name: str, under_cond: bool):
     kron = name in KRONECKER
     opt = OPTIMIZERS[name]() if kron else tekfax.skip_non_finite(OPTIMIZERS[name]())
 
@@ -73,12 +76,17 @@ def _step(name: str):
             updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, updates
 
-    return opt, step
+    def traced_in_form(*args):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tekfax.guard, "skips_under_cond", lambda: under_cond)
+            return step(*args)
+
+    return opt, traced_in_form
 
 
-def _train(name: str, schedule):
-    """Runs ``schedule``, a list of (batch index, bad value or None)."""
-    opt, step = _step(name)
+def _train(name: str, schedule, under_cond: bool = False):
+    """Runs ``schedule``, a list of (batch index, bad value or None), in one guard form."""
+    opt, step = _step(name, under_cond)
     params = _params()
     state = opt.init(params)
     history = []
@@ -89,12 +97,15 @@ def _train(name: str, schedule):
     return params, state, history
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_nan_and_inf_batches_mid_run_poison_nothing(name):
+@pytest.mark.parametrize(
+    "name, under_cond",
+    [(name, False) for name in OPTIMIZERS] + [(name, True) for name in ("kfac", "tekfac", "adam")],
+)
+def test_nan_and_inf_batches_mid_run_poison_nothing(name, under_cond):
     dirty = [(k, BAD.get(k)) for k in range(STEPS)]
     clean = [(k, None) for k in range(STEPS) if k not in BAD]
-    params, state, history = _train(name, dirty)
-    want_params, want_state, _ = _train(name, clean)
+    params, state, history = _train(name, dirty, under_cond)
+    want_params, want_state, _ = _train(name, clean, under_cond)
 
     chex.assert_tree_all_finite((params, state.inner_state))
     chex.assert_trees_all_equal(params, want_params)
@@ -337,13 +348,17 @@ class _CountingTransform:
         return optax.GradientTransformation(lambda p: jnp.zeros([], jnp.int32), update)
 
 
+@pytest.mark.parametrize("under_cond", [False, True])
 @pytest.mark.parametrize("bad", [False, True])
-def test_guard_traces_the_inner_update_once_and_reverts_its_state(bad):
+def test_guard_traces_the_inner_update_once_and_reverts_its_state(bad, under_cond, monkeypatch):
+    monkeypatch.setattr(tekfax.guard, "skips_under_cond", lambda: under_cond)
     counting = _CountingTransform()
     opt = tekfax.skip_non_finite(counting.build())
     grads = {"w": jnp.array([1.0, jnp.nan if bad else 2.0])}
     updates, state = jax.jit(opt.update)(grads, opt.init(grads))
     assert counting.traces == 1
+    jaxpr = str(jax.make_jaxpr(opt.update)(grads, opt.init(grads)))
+    assert ("cond[" in jaxpr) is under_cond  # the form asked for is the one traced
     want = [0.0, 0.0] if bad else [2.0, 4.0]
     np.testing.assert_array_equal(updates["w"], want)
     assert int(state.inner_state) == (0 if bad else 1) and int(state.skipped) == int(bad)
