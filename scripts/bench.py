@@ -4,9 +4,12 @@ For each model and batch size, in one process:
 
 1. **Steps.** One jitted, donating training step per optimizer (sgdm, adam, eadam, and
    kfac, ekfac, tkfac, tekfac with the library's defaults, with "statistics every step,
-   eigenbasis every 5 steps", and with the defaults unguarded, ``skip_non_finite=False``,
-   which measures the guard's cost). A trivial function is compiled first, so SGD's compile
-   time does not carry the process's one-time XLA start-up. Then ``--warmup`` steps run
+   eigenbasis every 5 steps", with the defaults unguarded, ``skip_non_finite=False``,
+   which measures the guard's cost, and with the defaults and the guard in the other
+   backend's form, "other-guard": under ``lax.cond`` on CPU, unconditional elsewhere
+   (:func:`tekfax.guard.skips_under_cond`), to check that choice in one process). A
+   trivial function is compiled first, so SGD's compile time does not carry the process's
+   one-time XLA start-up. Then ``--warmup`` steps run
    untimed and ``--window`` steps are timed (a whole multiple of the longest interval, so
    the periodic work is in the mean). One table: median and mean step, the mean as a ratio
    to SGD's, the step's FLOP floor (below), the floor's time at this device's measured
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import inspect
 import json
 import math
@@ -88,6 +92,7 @@ INTERVALS = {  # variants of each Kronecker preset: its keyword arguments
     "default": {},
     "stats1-eig5": {"curvature_every": 1, "eigen_every": 5, "rescale_every": 1},
     "unguarded": {"skip_non_finite": False},  # the default without the guard: its cost
+    "other-guard": {},  # the default, its guard in the other backend's form (Entry)
 }
 
 
@@ -120,6 +125,7 @@ class Entry(NamedTuple):
     opt: optax.GradientTransformation
     preset: str | None
     every: dict[str, int]
+    guard_under_cond: bool | None = None  # the guard's form; None: this backend's own
 
 
 def optimizers(only: list[str] | None, intervals: list[str] | None = None) -> dict[str, Entry]:
@@ -135,7 +141,8 @@ def optimizers(only: list[str] | None, intervals: list[str] | None = None) -> di
         every = {k: kwargs.get(k, v) for k, v in DEFAULTS.items()}
         for name, preset in KRONECKER.items():
             opt = preset.make(0.01, damping=0.1, **kwargs)
-            out[f"{name} ({interval})"] = Entry(opt, name, every)
+            flip = not tekfax.guard.skips_under_cond() if interval == "other-guard" else None
+            out[f"{name} ({interval})"] = Entry(opt, name, every, flip)
     if only:
         out = {k: v for k, v in out.items() if k == "sgdm" or k.split(" ")[0] in only}
     return out
@@ -208,6 +215,20 @@ def _loss_and_grads(b: Bench, params, batch_stats):
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
+@contextlib.contextmanager
+def guard_form(under_cond: bool | None):
+    """Traces :func:`tekfax.skip_non_finite` under ``lax.cond`` or not; None: as it would."""
+    if under_cond is None:
+        yield
+        return
+    chosen = tekfax.guard.skips_under_cond
+    tekfax.guard.skips_under_cond = lambda: under_cond
+    try:
+        yield
+    finally:
+        tekfax.guard.skips_under_cond = chosen
+
+
 def make_step(b: Bench, entry: Entry):
     """The jitted, donating training step of ``entry``'s optimizer on model ``b``."""
     opt = entry.opt
@@ -218,7 +239,8 @@ def make_step(b: Bench, entry: Entry):
             needed = tekfax.stats_needed(opt_state)
             out = _capture(b_xy, params, batch_stats, key, needed)
             loss, aux = out.loss, out.aux
-            updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+            with guard_form(entry.guard_under_cond):
+                updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
         else:
             (loss, aux), grads = _loss_and_grads(b_xy, params, batch_stats)
             updates, opt_state = opt.update(grads, opt_state, params)

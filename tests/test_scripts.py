@@ -168,6 +168,25 @@ def test_bench_autoencoder_uses_the_models_loss():
     assert [(d.d_in, d.d_out) for d in dims.values()] == _dense_layers(params)
 
 
+def test_bench_other_guard_variant_traces_the_other_form():
+    """"other-guard" flips :func:`tekfax.guard.skips_under_cond` for its own trace only."""
+    bench = _bench()
+    b = bench.setup("mlp", 4)
+    entries = bench.optimizers(["kfac"], ["default", "other-guard"])
+    own, other = entries["kfac (default)"], entries["kfac (other-guard)"]
+    assert own.guard_under_cond is None
+    assert other.guard_under_cond is not tekfax.guard.skips_under_cond()
+
+    def conds(entry):
+        params = b.variables["params"]
+        args = (params, {}, entry.opt.init(params), b.x, b.y, jax.random.key(0))
+        return str(jax.make_jaxpr(bench.make_step(b, entry))(*args)).count("cond[")
+
+    extra = 1 if other.guard_under_cond else -1  # the guard's one conditional
+    assert conds(other) == conds(own) + extra
+    assert tekfax.guard.skips_under_cond() is (jax.default_backend() != "cpu")  # restored
+
+
 # --- scripts/bench_eigh.py -----------------------------------------------------------------
 
 
