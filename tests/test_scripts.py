@@ -169,7 +169,7 @@ def test_bench_autoencoder_uses_the_models_loss():
 
 
 def test_bench_other_guard_variant_traces_the_other_form():
-    """"other-guard" flips :func:`tekfax.guard.skips_under_cond` for its own trace only."""
+    """The "other-guard" variant flips :func:`tekfax.guard.skips_under_cond` for its trace."""
     bench = _bench()
     b = bench.setup("mlp", 4)
     entries = bench.optimizers(["kfac"], ["default", "other-guard"])
