@@ -2,24 +2,23 @@
 
 For each model and batch size, in one process:
 
-1. **Steps.** One jitted, donating training step per optimizer (sgdm, adam, eadam, and
-   kfac, ekfac, tkfac, tekfac with the library's defaults, with "statistics every step,
-   eigenbasis every 5 steps", with the defaults unguarded, ``skip_non_finite=False``,
-   which measures the guard's cost, and with the defaults and the guard in the other
-   backend's form, "other-guard": under ``lax.cond`` on CPU, unconditional elsewhere
-   (:func:`tekfax.guard.skips_under_cond`), to check that choice in one process). A
-   trivial function is compiled first, so SGD's compile time does not carry the process's
-   one-time XLA start-up. Then ``--warmup`` steps run
-   untimed and ``--window`` steps are timed (a whole multiple of the longest interval, so
-   the periodic work is in the mean). One table: median and mean step, the mean as a ratio
-   to SGD's, the step's FLOP floor (below), the floor's time at this device's measured
-   float32 matmul rate and the mean as a multiple of it, compile time (lower + compile) and
-   its ratio to SGD's, and the compiled program's peak memory (XLA's buffer assignment:
-   arguments + outputs + temporaries - aliased, so the statistics branches are counted even
-   on steps that skip them) with its ratio to SGD's. Footnotes split the floor into its
-   stages, the memory into optimizer state and the buffers of a statistics step, and the
-   compiled kernels (whose count sets XLA:CPU's compile time) by the tekfax module each
-   comes from (:func:`kernel_sources`).
+1. **Steps.** One jitted, donating training step per optimizer (sgdm, adam, eadam, and kfac,
+   ekfac, tkfac, tekfac with the library's defaults, with "statistics every step, eigenbasis
+   every 5 steps", with the defaults unguarded, ``skip_non_finite=False``, which measures
+   the guard's cost, and with the defaults and the guard in the other backend's form,
+   "other-guard": under ``lax.cond`` on CPU, unconditional elsewhere
+   (:func:`tekfax.guard.skips_under_cond`), to check that choice in one process). A trivial
+   function is compiled first, so SGD's compile time does not carry the process's one-time
+   XLA start-up. Then ``--warmup`` steps run untimed and ``--window`` steps are timed (a
+   whole multiple of the longest interval, so the periodic work is in the mean). One table:
+   median and mean step, the mean as a ratio to SGD's, the step's FLOP floor (below), the
+   floor's time at this device's measured float32 matmul rate and the mean as a multiple of
+   it, compile time (lower + compile) and its ratio to SGD's, and the compiled program's
+   peak memory (XLA's buffer assignment: arguments + outputs + temporaries - aliased, so the
+   statistics branches are counted even on steps that skip them) with its ratio to SGD's.
+   Footnotes split the floor into its stages, the memory into optimizer state and the
+   buffers of a statistics step, and the compiled kernels (whose count sets XLA:CPU's
+   compile time) by the tekfax module each comes from (:func:`kernel_sources`).
 2. **Stages** (``--stages``). Each stage of a Kronecker step as its own jitted function of
    the library's internals on the same batch: forward + backward, the extra sampled-label
    backward pass, statistics (im2col and factor products), eigendecompositions, rescale
