@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from tekfax.conditional import cond_shaped_like, zeros_shaped
-from tekfax.kronecker import ScaleByKroneckerState, all_finite
+from tekfax.curvature import all_finite
+from tekfax.kronecker import ScaleByKroneckerState
 from tekfax.states import find_outermost
 
 
@@ -46,7 +47,7 @@ def _guards_itself(node: Any) -> bool:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    """:func:`tekfax.kronecker.all_finite` of ``tree`` without the subtrees that guard themselves.
+    """:func:`tekfax.curvature.all_finite` of ``tree`` without the subtrees that guard themselves.
 
     A ``ScaleByKroneckerState`` rejects non-finite statistics in its curvature and rescale
     stages, keeps its state on non-finite gradients and clamps D, so it stays finite.

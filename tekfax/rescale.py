@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tekfax.curvature import eigen_diagonal, ema, power_of_two, split_count
+from tekfax.curvature import all_finite, eigen_diagonal, ema, power_of_two, split_count
 from tekfax.eigenbasis import Eigenbasis
 
 CONV_RESCALE = ("per_example", "per_location")
@@ -190,10 +190,10 @@ def update(
              [1.]], dtype=float32)
     """
     s_init = eigen_diagonal(basis.eig_in, basis.eig_out, basis.delta)
-    init_ok = jnp.all(jnp.isfinite(s_init))
-    batch_ok = jnp.all(jnp.isfinite(batch))
+    init_ok = all_finite(s_init)
+    batch_ok = all_finite(batch)
     base = jnp.where(refreshed & init_ok, s_init, old)
     averaged = ema(base, batch, decay)
-    new = jnp.where(batch_ok & jnp.all(jnp.isfinite(averaged)), averaged, base)
+    new = jnp.where(batch_ok & all_finite(averaged), averaged, base)
     restart = jnp.where(batch_ok, batch, old)  # a refresh whose S_init is not finite
     return jnp.where(refreshed & ~init_ok, restart, new)

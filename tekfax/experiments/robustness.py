@@ -43,6 +43,7 @@ import optax
 
 import tekfax
 from tekfax import losses
+from tekfax.curvature import all_finite
 from tekfax.experiments import optimizers
 from tekfax.experiments.data import Dataset, load_dataset
 from tekfax.experiments.models import create_model, init_variables, model_loss
@@ -232,10 +233,6 @@ class _Carry(NamedTuple):
     alive: jax.Array
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _make_step(model: Any, loss: str, opt: Any, kronecker: bool, data: TaskData, key: jax.Array):
     """One training step of one cell; a non-finite loss or result freezes the cell."""
 
@@ -267,7 +264,7 @@ def _make_step(model: Any, loss: str, opt: Any, kronecker: bool, data: TaskData,
             extra = {}
         updates, opt_state = opt.update(grads, carry.opt_state, carry.params, **extra)
         params = optax.apply_updates(carry.params, updates)
-        ok = carry.alive & jnp.isfinite(value) & _all_finite(params)
+        ok = carry.alive & jnp.isfinite(value) & all_finite(params)
         new, old = (params, opt_state), (carry.params, carry.opt_state)
         params, opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         return _Carry(params, opt_state, ok), jnp.where(carry.alive, value, jnp.nan)
