@@ -514,15 +514,19 @@ def _time_steps(compiled, args, warmup: int, window: int) -> tuple[list[float], 
     return times, loss
 
 
-def bench_one(b: Bench, entry: Entry, window: int, warmup: int) -> tuple[dict, Any]:
-    """Compiles and times one optimizer; returns its row and its compiled step."""
+def bench_one(
+    b: Bench, entry: Entry, window: int, warmup: int, compiler_options: dict | None = None
+) -> tuple[dict, Any]:
+    """Compiles (with XLA's ``compiler_options``) and times one optimizer; returns its row and
+    its compiled step."""
     params = _copy(b.variables["params"])
     batch_stats = _copy(b.variables.get("batch_stats", {}))
     opt_state = _copy(entry.opt.init(params))  # distinct buffers: every argument is donated
     state_sizes = state_mib(opt_state)
     step = make_step(b, entry)
     start = time.perf_counter()
-    compiled = step.lower(params, batch_stats, opt_state, b.x, b.y, jax.random.key(0)).compile()
+    lowered = step.lower(params, batch_stats, opt_state, b.x, b.y, jax.random.key(0))
+    compiled = lowered.compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - start
     args = (params, batch_stats, opt_state, b.x, b.y)
     times, loss = _time_steps(compiled, args, warmup, window)
@@ -540,7 +544,14 @@ def bench_one(b: Bench, entry: Entry, window: int, warmup: int) -> tuple[dict, A
 
 
 def bench_steps(
-    name: str, batch: int, window: int, warmup: int, only, intervals=None, rate: float = 1.0
+    name: str,
+    batch: int,
+    window: int,
+    warmup: int,
+    only,
+    intervals=None,
+    rate: float = 1.0,
+    compiler_options: dict | None = None,
 ) -> dict:
     """The step table of one model and batch size (module docstring), with its footnotes."""
     b = setup(name, batch)
@@ -551,9 +562,9 @@ def bench_steps(
     # The first compilation of a model also pays one-time backend work (GPU autotuning of
     # its convolutions and matmuls: 8.1 s for SGD's auto-encoder step on an H200 against 1.0 s
     # for Adam's right after). It is done once, untimed, so that SGD's compile time is its own.
-    bench_one(b, entries["sgdm"], window=1, warmup=0)
+    bench_one(b, entries["sgdm"], window=1, warmup=0, compiler_options=compiler_options)
     for opt_name, entry in entries.items():
-        row, compiled = bench_one(b, entry, window, warmup)
+        row, compiled = bench_one(b, entry, window, warmup, compiler_options)
         if not rows:  # SGD: the model's forward and backward FLOPs
             fwd_bwd, source = model_flops(compiled, dims)
         floor = floor_flops(entry, dims, fwd_bwd)
@@ -860,6 +871,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--matmul-size", type=int, default=2048, help="n of the n x n matmul timed for the rate"
     )
+    parser.add_argument(
+        "--opt-level",
+        type=int,
+        help="XLA backend (LLVM) optimisation level of every step's compilation (XLA's default "
+        "3; tekfax-compare compiles its CPU steps at 1)",
+    )
     return parser
 
 
@@ -868,7 +885,8 @@ def _header(args, rate: float) -> None:
     print(
         f"device: {device.platform} ({device.device_kind}), {jax.device_count()} device(s); "
         f"jax {jax.__version__}; default intervals {DEFAULTS}; float32 matmul rate "
-        f"{rate / 1e9:.0f} GFLOP/s"
+        f"{rate / 1e9:.0f} GFLOP/s; XLA backend optimisation level "
+        f"{'default' if args.opt_level is None else args.opt_level}"
     )
     entries = optimizers(args.optimizers, args.intervals).values()
     longest = max((max(e.every.values()) for e in entries if e.every), default=1)
@@ -888,12 +906,21 @@ def main() -> None:
     device = jax.devices()[0]
     results = {"device": str(device.device_kind), "platform": device.platform, "runs": []}
     results["matmul_flops_per_s"] = rate
+    options = {} if args.opt_level is None else {"xla_backend_optimization_level": args.opt_level}
+    results["compiler_options"] = options
     for name in args.models:
         for batch in args.batch_sizes:
             run = {"model": name, "batch": batch}
             if not args.skip_steps:
                 run["steps"] = bench_steps(
-                    name, batch, args.window, args.warmup, args.optimizers, args.intervals, rate
+                    name,
+                    batch,
+                    args.window,
+                    args.warmup,
+                    args.optimizers,
+                    args.intervals,
+                    rate,
+                    options,
                 )
                 print_steps(name, batch, run["steps"], args.window, rate)
             if args.stages:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tekfax.experiments import checkpoint, optimizers, report
+from tekfax.experiments import train as train_module
 from tekfax.experiments.compare import build_parser, main
 from tekfax.experiments.data import load_dataset
 from tekfax.experiments.progress import ProgressBar
@@ -199,6 +200,16 @@ def test_train_resumes_from_its_orbax_checkpoint_bit_for_bit(tmp_path):
     ):
         with pytest.raises(ResumeError, match=message):
             train(other, dataset, checkpoint_path=path, resume=True, progress=False)
+
+
+def test_train_step_compiles_with_the_tools_compiler_options(monkeypatch):
+    """train() jits its step with step_compiler_options(): an option XLA does not know fails
+    that step's compilation and names the option."""
+    monkeypatch.setattr(train_module, "_STEPS", {})
+    monkeypatch.setattr(train_module, "step_compiler_options", lambda: {"xla_no_such_flag": 1})
+    config = RunConfig("mlp", "sgdm", optimizers.DEFAULTS["sgdm"], seed=0, epochs=1)
+    with pytest.raises(Exception, match="xla_no_such_flag"):
+        train(config, load_dataset("digits"), progress=False)
 
 
 def _leaves(tree):

@@ -80,6 +80,7 @@ def test_bench_smoke_table_floor_and_memory(tmp_path):
     batch, out = 16, tmp_path / "bench.json"
     args = ["--models", "mlp", "--batch-sizes", str(batch), "--optimizers", "kfac"]
     args += ["--intervals", "default", "--window", "1", "--warmup", "0", "--matmul-size", "256"]
+    args += ["--opt-level", "1"]
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), *args, "--json", str(out)],
         capture_output=True,
@@ -90,7 +91,10 @@ def test_bench_smoke_table_floor_and_memory(tmp_path):
     rows = re.findall(r"^\| (sgdm|kfac \(default\)) \|(?: [\d.]+x? \|){10}$", result.stdout, re.M)
     assert rows == ["sgdm", "kfac (default)"]
     assert "Floor per step by stage" in result.stdout and "Memory (MiB" in result.stdout
-    steps = json.loads(out.read_text())["runs"][0]["steps"]
+    assert "XLA backend optimisation level 1" in result.stdout
+    results = json.loads(out.read_text())
+    assert results["compiler_options"] == {"xla_backend_optimization_level": 1}
+    steps = results["runs"][0]["steps"]
     sgd, kfac = steps["rows"]
     layers = _dense_layers(_bench().setup("mlp", batch).variables["params"])
     every = {k: inspect.signature(tekfax.kfac).parameters[k].default for k in _bench().DEFAULTS}
@@ -166,6 +170,14 @@ def test_bench_autoencoder_uses_the_models_loss():
     np.testing.assert_allclose(float(kronecker_loss(params)), expected, rtol=1e-5)
     dims = bench.layer_dims(bench.stats_shapes(b))
     assert [(d.d_in, d.d_out) for d in dims.values()] == _dense_layers(params)
+
+
+def test_bench_compiles_every_step_with_the_given_compiler_options():
+    """--opt-level reaches the compilation: an option XLA does not know fails and is named."""
+    bench = _bench()
+    entry = bench.optimizers(None, ["default"])["sgdm"]
+    with pytest.raises(Exception, match="xla_no_such_flag"):
+        bench.bench_one(bench.setup("mlp", 4), entry, 1, 0, {"xla_no_such_flag": 1})
 
 
 def test_bench_other_guard_variant_traces_the_other_form():
