@@ -160,17 +160,15 @@ def step_compiler_options(environ: Mapping[str, str] = os.environ) -> dict[str, 
     """The ``compiler_options`` of the tool's jitted training step.
 
     On a CPU backend, :data:`STEP_OPTIMIZATION_LEVEL`, unless ``XLA_FLAGS`` in ``environ``
-    sets the level itself; elsewhere none. A Kronecker step holds several hundred fused
-    kernels that XLA:CPU compiles one by one, and the level sets how long LLVM spends on
-    each, while the products and ``eigh`` are library calls it does not touch. Measured on
-    the 2-core CPU (with the classic fusion emitters, :func:`.compare.fast_cpu_compilation`):
-    the digits CNN's TEKFAC step compiles in 2.1 s instead of 3.3 s, the MNIST
-    auto-encoder's KFAC step in 4.3 s instead of 5.7 s, and the mean step of the latter is
-    the same within 1% (five rounds alternating in one process). Level 0 would compile
-    faster still but doubles the digits CNN's step. GPUs keep XLA's level: there it also
-    sets the code generated for every kernel, and it was not measured. Like the other
-    settings of :mod:`.compare` this is the tool's choice for its own steps; the library
-    never sets it.
+    sets the level itself; elsewhere none (docs/algorithms.md, section 8). The level sets
+    how long LLVM spends on each of a Kronecker step's several hundred fused kernels; the
+    products and ``eigh`` are library calls it does not touch. Measured on the 2-core CPU
+    with the classic fusion emitters (:func:`.compare.fast_cpu_compilation`): the digits
+    CNN's TEKFAC step compiles in 2.1 s instead of 3.3 s, the MNIST auto-encoder's KFAC step
+    in 4.3 s instead of 5.7 s, whose mean step stays within 1%. Level 0 doubles the step.
+    GPUs keep XLA's level, which there also sets every kernel's code (not measured). The
+    tool's choice for its own steps, like :mod:`.compare`'s settings; the library never
+    sets it.
 
     Example:
       >>> from tekfax.experiments.train import step_compiler_options
