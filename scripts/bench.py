@@ -67,6 +67,7 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -214,18 +215,11 @@ def _loss_and_grads(b: Bench, params, batch_stats):
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-@contextlib.contextmanager
-def guard_form(under_cond: bool | None):
+def guard_form(under_cond: bool | None) -> contextlib.AbstractContextManager:
     """Traces :func:`tekfax.skip_non_finite` under ``lax.cond`` or not; None: as it would."""
     if under_cond is None:
-        yield
-        return
-    chosen = tekfax.guard.skips_under_cond
-    tekfax.guard.skips_under_cond = lambda: under_cond
-    try:
-        yield
-    finally:
-        tekfax.guard.skips_under_cond = chosen
+        return contextlib.nullcontext()
+    return mock.patch.object(tekfax.guard, "skips_under_cond", lambda: under_cond)
 
 
 def make_step(b: Bench, entry: Entry):
