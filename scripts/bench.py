@@ -85,6 +85,7 @@ SHAPES = {  # per-example input shape of each bench model
     "mlp": (8, 8, 1),
     "cnn": (8, 8, 1),
     "autoencoder": (28, 28, 1),  # MNIST
+    "gapcnn": (28, 28, 1),  # MNIST, as in scripts/time_to_target.py
     "resnet20": (32, 32, 3),
     "vgg16": (32, 32, 3),
 }

@@ -16,7 +16,14 @@ from tests.conftest import jit
 
 DIGITS = (8, 8, 1)
 CIFAR = (32, 32, 3)
-SHAPES = {"mlp": DIGITS, "autoencoder": DIGITS, "cnn": DIGITS, "resnet20": CIFAR, "vgg16": CIFAR}
+SHAPES = {
+    "mlp": DIGITS,
+    "autoencoder": DIGITS,
+    "cnn": DIGITS,
+    "gapcnn": DIGITS,
+    "resnet20": CIFAR,
+    "vgg16": CIFAR,
+}
 VGG16_CONVS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 
 
@@ -63,6 +70,8 @@ def test_parameter_counts_match_the_architectures():
         ),
         # conv16 3x3, conv32 3x3 stride 2 (8x8 -> 4x4x32 = 512), dense 64, dense 10.
         "cnn": conv(1, 16) + conv(16, 32) + dense(4 * 4 * 32, 64) + dense(64, 10),
+        # conv16, conv32/s2, conv64/s2, global average pooling (64 features), dense 10.
+        "gapcnn": conv(1, 16) + conv(16, 32) + conv(32, 64) + dense(64, 10),
         "resnet20": resnet20_params(10),
         "vgg16": sum(
             conv(a, b, bias=False) + 2 * b
@@ -109,7 +118,10 @@ def test_every_weight_layer_is_tagged_and_shapes(name):
             lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, x
         )
     assert set(layers) == kernel_paths(variables["params"])
-    assert len(layers) == {"mlp": 3, "autoencoder": 8, "cnn": 4, "resnet20": 22, "vgg16": 14}[name]
+    assert (
+        len(layers)
+        == {"mlp": 3, "autoencoder": 8, "cnn": 4, "gapcnn": 4, "resnet20": 22, "vgg16": 14}[name]
+    )
     out = math.prod(SHAPES[name]) if name == "autoencoder" else 7
     assert logits.shape == (3, out)
     assert jax.tree.structure(updates) == jax.tree.structure(
@@ -120,13 +132,13 @@ def test_every_weight_layer_is_tagged_and_shapes(name):
 
 
 def test_registry_and_losses():
-    assert list(models.MODELS) == ["mlp", "autoencoder", "cnn", "resnet20", "vgg16"]
-    with pytest.raises(ValueError, match="mlp, autoencoder, cnn, resnet20, vgg16"):
+    assert list(models.MODELS) == ["mlp", "autoencoder", "cnn", "gapcnn", "resnet20", "vgg16"]
+    with pytest.raises(ValueError, match="mlp, autoencoder, cnn, gapcnn, resnet20, vgg16"):
         models.create_model("resnet50", 10, CIFAR)
     with pytest.raises(ValueError, match="choose one of"):
         models.model_loss("resnet50")
     assert models.model_loss("autoencoder") == "sigmoid_binary_cross_entropy"
-    for name in ("mlp", "cnn", "resnet20", "vgg16"):
+    for name in ("mlp", "cnn", "gapcnn", "resnet20", "vgg16"):
         assert models.model_loss(name) == "softmax_cross_entropy"
     assert isinstance(models.create_model("resnet20", 100, CIFAR), models.ResNet20)
     assert models.create_model("vgg16", 100, CIFAR).num_classes == 100

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+from tekfax.experiments import data, models
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location(
     "time_to_target", ROOT / "scripts" / "time_to_target.py"
@@ -159,6 +161,17 @@ def test_quick_run_tables_targets_times_and_plot(tmp_path):
         _check_target(name, payload)
         _check_times(name, payload)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_task_names_a_registered_model_and_dataset():
+    """A typo in a task would only surface minutes into a measurement; here it fails fast."""
+    assert set(ttt.DEFAULT_TASKS) < set(ttt.TASKS)
+    for task in ttt.TASKS.values():
+        assert task.model in models.MODELS and task.dataset in data.DATASETS
+        assert models.model_loss(task.model) == (
+            "softmax_cross_entropy" if task.higher else "sigmoid_binary_cross_entropy"
+        )
+        assert all(lr > 0 for lr in task.lrs)
 
 
 def test_docstring_examples():
