@@ -440,7 +440,6 @@ def run_task(
     summary = summarize(runs, names, task.higher)
     return {
         "task": task._asdict(),
-        "grids": dict(grids),
         "epochs": epochs,
         "weight_decay": weight_decay,
         "num_train": len(dataset.x_train),
