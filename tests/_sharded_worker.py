@@ -115,7 +115,7 @@ def compare_cli(folder: pathlib.Path) -> dict[str, np.ndarray]:
     usage error for a batch that does not split over the devices."""
     out = {}
     flags = ["--model", "mlp", "--optimizers", "tekfac", "--epochs", "1", "--batch-size", "256"]
-    flags += ["--no-progress"]
+    flags += ["--no-progress", "--no-plots"]
     for devices in (1, jax.device_count()):
         target = folder / f"devices{devices}"
         with contextlib.redirect_stdout(io.StringIO()):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 from importlib.metadata import version
 
 # XLA's newer CPU fusion emitters compile the suite's many tiny programs several times slower
@@ -42,6 +44,20 @@ if version("jaxlib").split(".")[:2] in (["0", "9"], ["0", "10"]):
 # tekfax-compare keeps compiled steps in ~/.cache/tekfax/jax; the suite writes nothing there
 # (tests/test_compare.py checks the setting itself with its own directory).
 os.environ["TEKFAX_COMPILATION_CACHE"] = "off"
+
+# One JAX compilation cache for the whole run, in a fresh temporary directory shared by the
+# xdist workers and the subprocesses the tests start (they inherit the environment): many
+# tests and tools compile the same programs, and a program compiled once is loaded after.
+# Every program is cached, however fast it compiled. Measured on the 2-core CPU: the suite
+# took 767 s with it against 839 s without. The process that made the directory removes it
+# at the end of the run (pytest_unconfigure).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tekfax-tests-jax-")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _OWN_CACHE = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import hypothesis  # noqa: E402
 import jax  # noqa: E402
@@ -143,3 +159,10 @@ def pytest_configure(config):
     from tekfax.experiments.compare import single_threaded_lapack
 
     single_threaded_lapack()
+
+
+def pytest_unconfigure(config):
+    """Removes the run's compilation cache, in the process that made it."""
+    del config
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -141,17 +141,53 @@ def test_other_extra_args_are_accepted_and_ignored(case, kind):
 # --- composition -----------------------------------------------------------------------
 
 
+def _run_all(opts: dict, steps: int = STEPS) -> dict:
+    """:func:`_run` for several optimizers (case -> optimizer) through one jitted update.
+
+    The cases are independent programs; tracing and compiling them together pays the fixed
+    per-program cost once instead of once per case. Returns case -> updates per step.
+    """
+
+    @jax.jit
+    def update(grads, states, params, stats):
+        return {c: opt.update(grads, states[c], params, stats=stats) for c, opt in opts.items()}
+
+    def pairs(grads, states, params, stats):
+        out = update(grads, states, params, stats)
+        return {c: u for c, (u, _) in out.items()}, {c: st for c, (_, st) in out.items()}
+
+    params, _ = _data()
+    updates, _ = _run(pairs, {c: opt.init(params) for c, opt in opts.items()}, steps)
+    return {c: [u[c] for u in updates] for c in opts}
+
+
+CHAIN_WEIGHT_DECAY = 0.3
+
+
+def _chain_max_norm() -> float:
+    _, batches = _data()
+    return 0.5 * min(float(optax.tree.norm(g)) for g, _ in batches[:STEPS])
+
+
+@functools.cache
+def _chain_updates() -> dict:
+    """case -> updates of chain(clip, scale_by_X, add_decayed_weights) over the sequence."""
+    chains = {
+        case: optax.chain(
+            optax.clip_by_global_norm(_chain_max_norm()),
+            _scale_by(case),
+            optax.add_decayed_weights(CHAIN_WEIGHT_DECAY),
+        )
+        for case in CASES
+    }
+    return _run_all(chains)
+
+
 @all_cases
 def test_composes_in_chain_like_the_pieces_by_hand(case):
     params, batches = _data()
-    max_norm = 0.5 * min(float(optax.tree.norm(g)) for g, _ in batches[:STEPS])
-    weight_decay = 0.3
-    chain = optax.chain(
-        optax.clip_by_global_norm(max_norm),
-        _scale_by(case),
-        optax.add_decayed_weights(weight_decay),
-    )
-    chain_updates, _ = _run(jax.jit(chain.update), chain.init(params))
+    max_norm, weight_decay = _chain_max_norm(), CHAIN_WEIGHT_DECAY
+    chain_updates = _chain_updates()[case]  # every case's chain in one jitted program
 
     pre, update = _jitted(case, "scale_by")
     pre_state = pre.init(params)
@@ -227,12 +263,16 @@ def test_inject_hyperparams_matches_plain_and_follows_changes(case):
         _assert_trees_differ(got, unchanged)
 
 
+@functools.cache
+def _scheduled_updates() -> dict:
+    """case -> updates of the alias with the learning rate LR * 0.5**k over the sequence."""
+    schedule = optax.exponential_decay(LR, transition_steps=1, decay_rate=0.5)
+    return _run_all({case: _alias(case, learning_rate=schedule) for case in CASES})
+
+
 @all_cases
 def test_learning_rate_schedule_is_evaluated_at_the_step(case):
-    params, _ = _data()
-    schedule = optax.exponential_decay(LR, transition_steps=1, decay_rate=0.5)
-    opt = _alias(case, learning_rate=schedule)
-    updates, _ = _run(jax.jit(opt.update), opt.init(params))
+    updates = _scheduled_updates()[case]  # every case's alias in one jitted program
     momentum = jax.tree_util.tree_map(np.zeros_like, _preconditioned(case)[0])
     for k, p_grads in enumerate(_preconditioned(case)):
         momentum = jax.tree_util.tree_map(lambda m, p: TAU * m + p, momentum, p_grads)
@@ -244,26 +284,57 @@ def test_learning_rate_schedule_is_evaluated_at_the_step(case):
 # --- compilation -----------------------------------------------------------------------
 
 
-@all_cases
-def test_jitted_train_step_compiles_once_across_refreshes(case):
-    params, _ = _data()
-    opt = _alias(case)
-    traces = []
+def _train_all(opts: dict, params, steps: int, traces: list, dtype=None) -> list:
+    """Trains every optimizer (case -> alias) from ``params`` on batches 0, 1, ... with ONE
+    jitted train step that holds all the cases (each case its own params and state): the
+    fixed per-program cost of tracing and compiling is paid once, not once per case.
+
+    ``traces`` gets one entry each time the step is traced. ``dtype`` casts the inputs.
+    Returns, per step, case -> (params, opt_state, loss, updates) after that step.
+    """
 
     @jax.jit
-    def train_step(params, opt_state, x, y, rng):
+    def train_step(params, opt_states, x, y, rng):
         traces.append(None)  # runs only while tracing
-        out = _capture(params, x, y, rng)
-        updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
-        return optax.apply_updates(params, updates), opt_state, out.loss
+        result = {}
+        for c, opt in opts.items():
+            out = _capture(params[c], x, y, rng)
+            updates, opt_state = opt.update(out.grads, opt_states[c], params[c], stats=out.stats)
+            result[c] = (optax.apply_updates(params[c], updates), opt_state, out.loss, updates)
+        return result
 
-    opt_state = opt.init(params)
+    params = {c: params for c in opts}
+    opt_states = {c: opt.init(params[c]) for c, opt in opts.items()}
+    history = []
+    for k in range(steps):
+        x, y, rng = _batch(k)
+        result = train_step(params, opt_states, x if dtype is None else x.astype(dtype), y, rng)
+        params = {c: r[0] for c, r in result.items()}
+        opt_states = {c: r[1] for c, r in result.items()}
+        history.append(result)
+    return history
+
+
+_TRAIN_TRACES: list = []
+
+
+@functools.cache
+def _trained() -> list:
+    """Every case's alias trained for counts 0..3 (refreshes on 0 and 2) in one train step."""
+    opts = {case: _alias(case) for case in CASES}
+    return _train_all(opts, _data()[0], 2 * INTERVALS["eigen_every"], _TRAIN_TRACES)
+
+
+@all_cases
+def test_jitted_train_step_compiles_once_across_refreshes(case):
+    """One jitted train step holds every case: were any case's state to change structure or
+    dtype across a refresh, the shared step would be traced again."""
     bases = []
-    for k in range(2 * INTERVALS["eigen_every"]):  # counts 0..3: refreshes on 0 and 2
-        params, opt_state, loss = train_step(params, opt_state, *_batch(k))
+    for result in _trained():  # counts 0..3: refreshes on 0 and 2
+        _, opt_state, loss, _ = result[case]
         assert np.isfinite(float(loss))
         bases.append(np.asarray(opt_state[0].layers["Dense_0"].q_in))
-    assert len(traces) == 1
+    assert len(_TRAIN_TRACES) == 1
     assert int(opt_state[0].count) == 2 * INTERVALS["eigen_every"]
     np.testing.assert_array_equal(bases[1], bases[0])  # no refresh on count 1
     assert not np.array_equal(bases[2], bases[1])  # refresh on count 2
@@ -322,23 +393,18 @@ def test_state_is_namedtuples_of_arrays_and_round_trips(case):
     chex.assert_trees_all_equal(got, expected)
 
 
+@functools.cache
+def _trained_bfloat16() -> list:
+    """Every case's alias trained for 4 steps from bfloat16 params, in one train step."""
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), _data()[0])
+    opts = {case: _alias(case) for case in CASES}
+    return _train_all(opts, params, 4, [], dtype=jnp.bfloat16)
+
+
 @all_cases
 def test_bfloat16_params_keep_float32_statistics(case):
-    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), _data()[0])
-    opt = _alias(case)
-
-    @jax.jit
-    def train_step(params, opt_state, x, y, rng):
-        out = _capture(params, x, y, rng)
-        updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
-        return optax.apply_updates(params, updates), opt_state, out.loss, updates
-
-    opt_state = opt.init(params)
-    for k in range(4):
-        x, y, rng = _batch(k)
-        params, opt_state, loss, updates = train_step(
-            params, opt_state, x.astype(jnp.bfloat16), y, rng
-        )
+    for result in _trained_bfloat16():
+        params, opt_state, loss, updates = result[case]
         assert np.isfinite(float(loss))
         chex.assert_trees_all_equal_dtypes(updates, params)
         chex.assert_tree_all_finite(updates)
@@ -415,12 +481,25 @@ def _leaf(tree, path):
     return tree
 
 
+@functools.cache
+def _mixed_updates() -> dict:
+    """case -> P(g) of scale_by_X's first update on the mixed model, all in one jit."""
+    params, out = _mixed_data()
+    opts = {case: _scale_by(case) for case in CASES}
+
+    @jax.jit
+    def update(grads, states, params, stats):
+        return {c: opt.update(grads, states[c], params, stats=stats)[0] for c, opt in opts.items()}
+
+    states = {c: opt.init(params) for c, opt in opts.items()}
+    return update(out.grads, states, params, out.stats)
+
+
 @all_cases
 def test_parameters_outside_tagged_layers_pass_through(case):
     params, out = _mixed_data()
     assert set(out.stats) == {"Dense_0", "Embed_0"}
-    opt = _scale_by(case)
-    p_grads, _ = jax.jit(opt.update)(out.grads, opt.init(params), params, stats=out.stats)
+    p_grads = _mixed_updates()[case]
     for path in UNTAGGED:
         np.testing.assert_array_equal(_leaf(p_grads, path), _leaf(out.grads, path), str(path))
     for path in TAGGED:

@@ -5,6 +5,8 @@ References: ``jax.grad`` of a hand-written mean loss, the brute-force per-exampl
 expectation of u u^T under the model's predictive distribution for the sampled Fisher.
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -124,19 +126,23 @@ def _layer_matrices(out, grads):
     return result
 
 
-def _check_exact(model, logits_fn, params, x, targets, loss):
+def _exact_run(model, params, x, targets, loss):
+    """The capture and its references for :func:`_check_exact` (call under jit)."""
+
+    def logits_fn(p):
+        return model.apply({"params": p}, x)
+
+    out = tekfax.loss_and_curvature(logits_fn, params, targets, loss=loss, fisher="empirical")
+    value, grads = jax.value_and_grad(
+        lambda p: _independent_mean_loss(loss, logits_fn(p), targets)
+    )(params)
+    per_example = reference.per_example_grads(model, params, x, targets, loss)
+    return out, value, grads, per_example, _layer_matrices(out, grads)
+
+
+def _check_exact(x, results):
     """Loss, grads, batch-gradient reassembly and per-example gradients, all in float64."""
-
-    @jax.jit
-    def run(params, x, targets):
-        out = tekfax.loss_and_curvature(logits_fn, params, targets, loss=loss, fisher="empirical")
-        value, grads = jax.value_and_grad(
-            lambda p: _independent_mean_loss(loss, logits_fn(p), targets)
-        )(params)
-        per_example = reference.per_example_grads(model, params, x, targets, loss)
-        return out, value, grads, per_example, _layer_matrices(out, grads)
-
-    out, value, grads, per_example, matrices = run(params, x, targets)
+    out, value, grads, per_example, matrices = results
     n = x.shape[0]
     np.testing.assert_allclose(out.loss, value, **EXACT)
     chex.assert_trees_all_close(out.grads, grads, **EXACT)
@@ -193,18 +199,52 @@ def _model_classes(model):
     return getattr(model, "num_classes", None) or model.features[-1]
 
 
-@pytest.mark.parametrize("model, x_shape", MODELS)
-def test_grads_and_per_example_gradients_are_exact(model, x_shape):
-    logits_fn, params, x, y = _setup(model, x_shape, num_classes=_model_classes(model))
-    _check_exact(model, logits_fn, params, x, y, "softmax_cross_entropy")
+# id -> (model, x_shape, loss, setup keyword arguments) of every exactness check.
+EXACT_CASES = {
+    **{
+        p.id: (*p.values, "softmax_cross_entropy", {"num_classes": _model_classes(p.values[0])})
+        for p in MODELS
+    },
+    **{
+        f"loss-{loss}": (_PerPosition(), (3, 4, 2), loss, {"num_classes": 3, "seed": 1})
+        for loss in LOSSES
+    },
+}
+
+
+@functools.cache
+def _exact_results() -> dict:
+    """id -> (x, :func:`_exact_run`) for every case of :data:`EXACT_CASES`, in one jit
+    (float64: call under the x64 fixture).
+
+    The cases are independent tiny programs; compiling them together pays XLA's fixed
+    per-program cost once instead of once per case. Each test checks its own entry.
+    """
+    inputs = {}
+    for key, (model, x_shape, loss, kwargs) in EXACT_CASES.items():
+        _, params, x, targets = _setup(model, x_shape, loss=loss, **kwargs)
+        inputs[key] = (params, x, targets)
+
+    @jax.jit
+    def run(inputs):
+        return {
+            key: _exact_run(EXACT_CASES[key][0], *args, EXACT_CASES[key][2])
+            for key, args in inputs.items()
+        }
+
+    results = run(inputs)
+    return {key: (inputs[key][1], results[key]) for key in inputs}
+
+
+@pytest.mark.parametrize("key", [p.id for p in MODELS])
+def test_grads_and_per_example_gradients_are_exact(key):
+    _check_exact(*_exact_results()[key])
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_losses_value_and_gradients(loss):
     """Each loss on (N, T, C) outputs: l_n sums over positions and classes (or units)."""
-    model = _PerPosition()
-    logits_fn, params, x, targets = _setup(model, (3, 4, 2), loss=loss, num_classes=3, seed=1)
-    _check_exact(model, logits_fn, params, x, targets, loss)
+    _check_exact(*_exact_results()[f"loss-{loss}"])
 
 
 # --- Sampled (true) Fisher ------------------------------------------------------------------

@@ -45,8 +45,10 @@ README = pathlib.Path(__file__).parent.parent / "README.md"
 WARNING = re.compile(r"^tekfax-compare: (warning: .*)$", re.M)
 
 
-def _compare(out: pathlib.Path, *flags: str) -> dict:
-    assert main(["--output", str(out), *flags]) == 0
+def _compare(out: pathlib.Path, *flags: str, plots: bool = False) -> dict:
+    """The tool's results.json; without the plots (a few seconds each) unless ``plots``."""
+    assert main(["--output", str(out), *flags, *([] if plots else ["--no-plots"])]) == 0
+    assert any(out.glob("curves_*.png")) == plots
     return json.loads((out / "results.json").read_text())
 
 
@@ -55,7 +57,7 @@ def two_seeds(tmp_path_factory):
     """sgdm and tekfac, 2 epochs, 2 seeds, on digits + cnn."""
     out = tmp_path_factory.mktemp("compare") / "two_seeds"
     flags = [*CNN, "--optimizers", "sgdm", "tekfac", "--epochs", "2", "--seeds", "2", *TEKFAC]
-    return out, _compare(out, *flags, "--target-accuracy", "50")
+    return out, _compare(out, *flags, "--target-accuracy", "50", plots=True)
 
 
 def test_results_json_schema_and_config_echo(two_seeds):
@@ -427,10 +429,13 @@ def test_persistent_compilation_cache_is_the_tools_own_and_can_be_turned_off(tmp
         "print(jax.config.jax_compilation_cache_dir)\n"
     )
 
+    # Without the suite's own JAX cache (tests/conftest.py), as a user's shell would be.
+    ours = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
     def run(**env):
         done = subprocess.run(
             [sys.executable, "-c", script],
-            env={**os.environ, **env},
+            env={**ours, **env},
             capture_output=True,
             text=True,
             check=True,

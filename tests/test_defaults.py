@@ -125,21 +125,27 @@ def test_the_defaults_are_the_documented_ones_and_the_opt_out_is_bare(preset):
 
 
 def test_adaptive_damping_is_opt_in_and_obj_fn_is_ignored_when_off():
+    """The capture and the two updates with adaptive damping off are jitted (run op by op,
+    they compile dozens of small programs); each update is its own program."""
     x, y = _digits()
     x, y = x[:32], y[:32]
     model = _MLP((8, 10), "tanh")
     params = model.init(jax.random.key(0), x)["params"]
-    out = tekfax.loss_and_curvature(
-        lambda p: model.apply({"params": p}, x), params, y, rng=jax.random.key(1)
-    )
+    out = jit(
+        lambda p: tekfax.loss_and_curvature(
+            lambda q: model.apply({"params": q}, x), p, y, rng=jax.random.key(1)
+        )
+    )(params)
 
     def obj_fn(p):
         logits = model.apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     off = tekfax.kfac(0.1)
-    plain, _ = off.update(out.grads, off.init(params), params, stats=out.stats)
-    ignored, _ = off.update(out.grads, off.init(params), params, stats=out.stats, obj_fn=obj_fn)
+    plain = jit(lambda o, p: off.update(o.grads, off.init(p), p, stats=o.stats)[0])(out, params)
+    ignored = jit(
+        lambda o, p: off.update(o.grads, off.init(p), p, stats=o.stats, obj_fn=obj_fn)[0]
+    )(out, params)
     chex.assert_trees_all_equal(plain, ignored)
 
     on = tekfax.kfac(0.1, damping=1e-2, adaptive_damping=True)

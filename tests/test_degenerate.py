@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from hypothesis import given
 
 import tekfax
@@ -54,15 +53,17 @@ def make_layer(config: tuple, **kwargs) -> nn.Module:
 
 
 class Probe(nn.Module):
-    """The drawn layer (named ``first``), an activation, then a Dense head."""
+    """The drawn layer (named ``first``), tanh (ReLU where ``relu`` is true), a Dense head.
+
+    ``relu`` may be a traced boolean, so one compiled program serves both activations.
+    """
 
     config: tuple
-    activation: str = "tanh"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, relu=False):
         h = make_layer(self.config, name="first")(x)
-        h = jnp.tanh(h) if self.activation == "tanh" else nn.relu(h)
+        h = jnp.tanh(h) if relu is False else jnp.where(relu, nn.relu(h), jnp.tanh(h))
         return nn.Dense(CLASSES, name="head")(h.reshape(h.shape[0], -1))
 
 
@@ -230,23 +231,17 @@ def _floor(preset: str, scheme: str, layer) -> float:
 OPTIMIZERS = [(p, s) for p in PRESETS for s in ("damping", "nu")]
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
 @given(drawn=layers())
-@examples(0.5)  # per scenario; each example compiles all eight optimizers
-def test_degenerate_batches_give_finite_updates_float32(scenario, drawn):
-    """All four presets with both damping schemes, compiled together; every scale of
-    ``SCALES`` runs through the same compiled update."""
+@examples(0.5)  # each example runs every scenario
+def test_degenerate_batches_give_finite_updates_float32(drawn):
+    """All four presets with both damping schemes, compiled together, on every scenario of
+    ``SCENARIOS`` for the drawn layer. The scenarios' batches of one shape (all but
+    ``batch_1``, and it too when the drawn batch has one example) and every scale of
+    ``SCALES`` run through one compiled update: the activation (ReLU for ``dead_relu``,
+    tanh otherwise), the parameters and the labels are its arguments."""
     config, x_shape = drawn
-    model = Probe(config, "relu" if scenario == "dead_relu" else "tanh")
+    model = Probe(config)
     kx, ky, kp, kr = jax.random.split(jax.random.key(len(str(drawn))), 4)
-    batches = [_degenerate_batch(scenario, x_shape, kx, s) for s in SCALES.get(scenario, (1.0,))]
-    y = jax.random.randint(ky, (batches[0].shape[0],), 0, CLASSES)
-    params = model.init(kp, batches[0])["params"]
-    if scenario == "dead_relu":  # every pre-activation negative: u = 0, the head sees zeros
-        first = jax.tree.map(jnp.zeros_like, params["first"])
-        if "bias" in first:
-            first["bias"] = -jnp.ones_like(first["bias"])
-        params = {**params, "first": first}
     opts = {
         (preset, scheme): getattr(tekfax, f"scale_by_{preset}")(
             **({"damping": LAMBDA} if scheme == "damping" else {"nu": NU}),
@@ -257,26 +252,39 @@ def test_degenerate_batches_give_finite_updates_float32(scenario, drawn):
         for preset, scheme in OPTIMIZERS
     }
 
-    @fm.jit
-    def update(params, x):
-        out = tekfax.loss_and_curvature(lambda p: model.apply({"params": p}, x), params, y, rng=kr)
+    @fm.jit  # one compile per batch shape, shared by the scenarios
+    def update(params, x, y, relu):
+        out = tekfax.loss_and_curvature(
+            lambda p: model.apply({"params": p}, x, relu), params, y, rng=kr
+        )
         results = {}
         for key, opt in opts.items():
             results[key] = opt.update(out.grads, opt.init(params), params, stats=out.stats)
         return out.grads, results
 
-    for scale, x in zip(SCALES.get(scenario, (1.0,)), batches, strict=True):
-        grads, results = update(params, x)
-        assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
-        for (preset, scheme), (updates, state) in results.items():
-            where = (preset, scheme, scenario, scale)
-            for leaf in jax.tree.leaves((updates, state)):
-                assert np.all(np.isfinite(np.asarray(leaf))), where
-            for name, layer in state.layers.items():
-                floor = _floor(preset, scheme, layer)
-                assert np.min(np.asarray(layer.damped, np.float64)) >= floor * (1 - 1e-5), (
-                    name,
-                    where,
-                )
-            if scenario == "zeros" and not dict(config[1:])["bias"]:  # no input: no move
-                np.testing.assert_array_equal(np.asarray(updates["first"]["kernel"]), 0.0)
+    for scenario in SCENARIOS:
+        scales = SCALES.get(scenario, (1.0,))
+        batches = [_degenerate_batch(scenario, x_shape, kx, s) for s in scales]
+        y = jax.random.randint(ky, (batches[0].shape[0],), 0, CLASSES)
+        params = model.init(kp, batches[0])["params"]
+        if scenario == "dead_relu":  # every pre-activation negative: u = 0, the head sees zeros
+            first = jax.tree.map(jnp.zeros_like, params["first"])
+            if "bias" in first:
+                first["bias"] = -jnp.ones_like(first["bias"])
+            params = {**params, "first": first}
+        relu = jnp.asarray(scenario == "dead_relu")
+        for scale, x in zip(scales, batches, strict=True):
+            grads, results = update(params, x, y, relu)
+            assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+            for (preset, scheme), (updates, state) in results.items():
+                where = (preset, scheme, scenario, scale)
+                for leaf in jax.tree.leaves((updates, state)):
+                    assert np.all(np.isfinite(np.asarray(leaf))), where
+                for name, layer in state.layers.items():
+                    floor = _floor(preset, scheme, layer)
+                    assert np.min(np.asarray(layer.damped, np.float64)) >= floor * (1 - 1e-5), (
+                        name,
+                        where,
+                    )
+                if scenario == "zeros" and not dict(config[1:])["bias"]:  # no input: no move
+                    np.testing.assert_array_equal(np.asarray(updates["first"]["kernel"]), 0.0)

@@ -45,12 +45,12 @@ def abstract_variables(name, num_classes=10, shape=None):
     return model, jax.eval_shape(lambda: models.init_variables(model, shape, jax.random.key(0)))
 
 
-def resnet20_params(num_classes):
-    """Stem; 9 basic blocks of 2 convs + 2 BN; 1x1 conv + BN projections where widths change."""
+def resnet20_params(num_classes, blocks_per_stage=3):
+    """Stem; 3n basic blocks of 2 convs + 2 BN; 1x1 conv + BN projections where widths change."""
     total = conv(3, 16, bias=False) + 2 * 16
     c_in = 16
     for c_out in (16, 32, 64):
-        for _ in range(3):
+        for _ in range(blocks_per_stage):
             total += conv(c_in, c_out, bias=False) + conv(c_out, c_out, bias=False) + 4 * c_out
             if c_in != c_out:
                 total += conv(c_in, c_out, k=1, bias=False) + 2 * c_out
@@ -84,6 +84,9 @@ def test_parameter_counts_match_the_architectures():
         assert count(variables["params"]) == want, name
     _, resnet = abstract_variables("resnet20")
     assert 0.26e6 < count(resnet["params"]) < 0.28e6  # He et al.: 0.27M.
+    resnet8 = models.ResNet20(num_classes=10, blocks_per_stage=1)  # test_one_tekfac_step's
+    variables = jax.eval_shape(lambda: models.init_variables(resnet8, CIFAR, jax.random.key(0)))
+    assert count(variables["params"]) == resnet20_params(10, blocks_per_stage=1)
     assert count(resnet["batch_stats"]) == 2 * (16 + 6 * 16 + 7 * 32 + 7 * 64)
     _, vgg = abstract_variables("vgg16", num_classes=100)
     assert 14.7e6 < count(vgg["params"]) < 14.8e6
@@ -141,6 +144,7 @@ def test_registry_and_losses():
     for name in ("mlp", "cnn", "gapcnn", "resnet20", "vgg16"):
         assert models.model_loss(name) == "softmax_cross_entropy"
     assert isinstance(models.create_model("resnet20", 100, CIFAR), models.ResNet20)
+    assert models.create_model("resnet20", 100, CIFAR).blocks_per_stage == 3
     assert models.create_model("vgg16", 100, CIFAR).num_classes == 100
 
 
@@ -216,16 +220,27 @@ def changed_layer(changed, path):
     return changed["kernel"]
 
 
+# Compiling a step costs about a second per weight layer, so the step test runs shallower
+# instances of the deep models' classes, with every layer kind of the full ones; the full-size
+# CIFAR steps are checked shape-wise (test_full_step_traces). ResNet-8 (one basic block a
+# stage) still has an identity-shortcut block and two projection-shortcut blocks; the VGG
+# config has conv-BN-ReLU layers back to back and after a max pool, two pools, and the Dense
+# head; the auto-encoder 64-20-8-20-64 has tanh layers, the linear code and the logits layer.
+STEP_MODELS = {
+    "autoencoder": models.Autoencoder(input_dim=64, sizes=(20, 8)),
+    "resnet20": models.ResNet20(num_classes=10, blocks_per_stage=1),
+    "vgg16": models.VGG16(num_classes=10, config=(8, 8, "M", 8, "M")),
+}
+
+
 @pytest.mark.parametrize("name", list(models.MODELS))
 def test_one_tekfac_step(name):
+    """One TEKFAC step of each model (shallower versions of the deep ones, see STEP_MODELS)."""
     shape = (8, 8, 3) if SHAPES[name] == CIFAR else DIGITS  # Small images compile faster.
-    if name == "vgg16":  # Same 13 conv + Dense structure, narrower: 4608^2 eigh is slow on CPU.
-        model = models.VGG16(num_classes=10, config=(8, 8, "M", 8, 8, "M", 8, 8, 8, "M") * 2)
-    else:
-        model = models.create_model(name, 10, shape)
+    model = STEP_MODELS.get(name) or models.create_model(name, 10, shape)
     variables = random_variables(model, shape)
     opt = tekfax.tekfac(learning_rate=0.1, damping=1e-2)
-    opt_state = opt.init(variables["params"])
+    opt_state = jit(opt.init)(variables["params"])  # one program: op by op costs more here
     x, targets = batch(name, shape, 10)
     step = make_step(model, models.model_loss(name), opt)
     new, _, loss, stats, evals = step(variables, opt_state, x, targets, jax.random.key(3))
@@ -254,13 +269,15 @@ def test_one_tekfac_step(name):
     )
 
 
-def test_full_vgg16_step_traces():
-    """The full-width VGG16 step holds together shape-wise (running it needs 4608^2 eigh's)."""
-    model = models.create_model("vgg16", 10, CIFAR)
+@pytest.mark.parametrize("name", ["resnet20", "vgg16"])
+def test_full_step_traces(name):
+    """The full-size ResNet-20 and VGG16 steps hold together shape-wise (test_one_tekfac_step
+    runs smaller copies; running full VGG16 needs 4608^2 eigh's)."""
+    model = models.create_model(name, 10, CIFAR)
     variables = jax.eval_shape(lambda: models.init_variables(model, CIFAR, jax.random.key(0)))
     opt = tekfax.tekfac(learning_rate=0.1, damping=1e-2)
     opt_state = jax.eval_shape(opt.init, variables["params"])
-    x, targets = batch("vgg16", CIFAR, 10)
+    x, targets = batch(name, CIFAR, 10)
     step = make_step(model, "softmax_cross_entropy", opt)
     new, new_state, loss, stats, _ = jax.eval_shape(
         step, variables, opt_state, x, targets, jax.random.key(3)

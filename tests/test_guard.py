@@ -29,7 +29,7 @@ import pytest
 import tekfax
 from tekfax.experiments import compare
 from tekfax.experiments.data import iterate_batches, load_dataset
-from tests.conftest import INTERVALS, PRESETS, make_optimizer
+from tests.conftest import INTERVALS, PRESETS, jit, make_optimizer
 from tests.models import MLP
 
 N, D_IN, CLASSES = 16, 3, 4
@@ -55,10 +55,21 @@ def _params():
     return MODEL.init(jax.random.key(0), jnp.zeros((1, D_IN)))["params"]
 
 
+@jit
+def _capture(params, x, y, rng):
+    """The capture of one batch, jitted once for the tests that call it outside a step (run
+    op by op, it compiles dozens of small programs)."""
+    return tekfax.loss_and_curvature(lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng)
+
+
 @functools.cache
-def _step(name: str, under_cond: bool):
+def _step(name: str, under_cond: bool, guarded: bool = True):
+    """(optimizer, jitted step) of a case, guarded (as tested) or bare (the reference)."""
     kron = name in KRONECKER
-    opt = OPTIMIZERS[name]() if kron else tekfax.skip_non_finite(OPTIMIZERS[name]())
+    if kron:
+        opt = OPTIMIZERS[name]() if guarded else OPTIMIZERS[name](skip_non_finite=False)
+    else:
+        opt = tekfax.skip_non_finite(OPTIMIZERS[name]()) if guarded else OPTIMIZERS[name]()
 
     @jax.jit
     def step(params, state, x, y, rng):
@@ -128,27 +139,16 @@ def test_nan_and_inf_batches_mid_run_poison_nothing(name, under_cond):
 
 @pytest.mark.parametrize("name", ["kfac", "tekfac", "adam"])
 def test_guard_changes_nothing_on_finite_runs(name):
-    """On clean batches the guarded optimizer equals the bare one (``skip_non_finite=False``)."""
+    """On clean batches the guarded optimizer equals the bare one (``skip_non_finite=False``).
+
+    Both run the same jitted step function, each its own compiled program.
+    """
     params, state, _ = _train(name, [(k, None) for k in range(4)])
-    opt = OPTIMIZERS[name](skip_non_finite=False) if name in KRONECKER else OPTIMIZERS[name]()
+    opt, bare_step = _step(name, under_cond=False, guarded=False)
     bare_params = _params()
     bare_state = opt.init(bare_params)
     for k in range(4):
-        x, y, rng = _batch(k)
-        if name in KRONECKER:
-            out = tekfax.loss_and_curvature(
-                lambda p, x=x: MODEL.apply({"params": p}, x), bare_params, y, rng=rng
-            )
-            grads, extra = out.grads, {"stats": out.stats}
-        else:
-            grads = jax.grad(
-                lambda p, x=x, y=y: optax.softmax_cross_entropy_with_integer_labels(
-                    MODEL.apply({"params": p}, x), y
-                ).mean()
-            )(bare_params)
-            extra = {}
-        updates, bare_state = opt.update(grads, bare_state, bare_params, **extra)
-        bare_params = optax.apply_updates(bare_params, updates)
+        bare_params, bare_state, _ = bare_step(bare_params, bare_state, *_batch(k))
     chex.assert_trees_all_close(params, bare_params, rtol=1e-4, atol=1e-5)
     if name in KRONECKER:  # eigenvectors are basis-dependent in float32; the blocks are not
         blocks = tekfax.diagnostics.approx_fisher_blocks
@@ -166,7 +166,7 @@ def test_non_finite_stats_alone_are_left_out_of_the_curvature():
     opt = tekfax.skip_non_finite(tekfax.scale_by_kfac(damping=1e-2, **INTERVALS))
     params = _params()
     x, y, rng = _batch(0)
-    out = tekfax.loss_and_curvature(lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng)
+    out = _capture(params, x, y, rng)
     leaf = out.stats["Dense_0"]
     leaf = leaf.replace(out_grads=leaf.out_grads.at[0, 0, 0].set(jnp.inf))
     poisoned = {**out.stats, "Dense_0": leaf}
@@ -206,7 +206,7 @@ def test_finite_gradients_with_a_non_finite_result_keep_the_kronecker_state():
     opt = tekfax.skip_non_finite(optax.chain(inner, nan_after_first))
     params = _params()
     x, y, rng = _batch(0)
-    out = tekfax.loss_and_curvature(lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng)
+    out = _capture(params, x, y, rng)
     update = jax.jit(opt.update)
     _, first = update(out.grads, opt.init(params), params, stats=out.stats)
     updates, second = update(out.grads, first, params, stats=out.stats)
@@ -251,14 +251,10 @@ def test_scale_by_kronecker_keeps_non_finite_statistics_out_of_its_averages():
         update = jax.jit(opt.update)
         params = _params()
         x, y, rng = _batch(0)
-        out = tekfax.loss_and_curvature(
-            lambda p, x=x: MODEL.apply({"params": p}, x), params, y, rng=rng
-        )
+        out = _capture(params, x, y, rng)
         _, first = update(out.grads, opt.init(params), params, stats=out.stats)
         x2, y2, rng2 = _batch(1, np.nan)
-        bad = tekfax.loss_and_curvature(
-            lambda p, x=x2: MODEL.apply({"params": p}, x), params, y2, rng=rng2
-        )
+        bad = _capture(params, x2, y2, rng2)
         p_grads, second = update(out.grads, first, params, stats=bad.stats)  # finite grads
         assert float(second.ema_weight) == float(first.ema_weight), preset
         for name, layer in second.layers.items():
@@ -276,12 +272,10 @@ def test_scale_by_kronecker_keeps_its_whole_state_on_non_finite_gradients(preset
     update = jax.jit(opt.update)
     params = _params()
     x, y, rng = _batch(0)
-    out = tekfax.loss_and_curvature(lambda p: MODEL.apply({"params": p}, x), params, y, rng=rng)
+    out = _capture(params, x, y, rng)
     _, first = update(out.grads, opt.init(params), params, stats=out.stats)
     x2, y2, rng2 = _batch(1)  # finite statistics of another batch, every stage due
-    other = tekfax.loss_and_curvature(
-        lambda p: MODEL.apply({"params": p}, x2), params, y2, rng=rng2
-    )
+    other = _capture(params, x2, y2, rng2)
     grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), other.grads)
     p_grads, second = update(grads, first, params, stats=other.stats)
     chex.assert_trees_all_equal(second, first)
@@ -315,7 +309,7 @@ def test_compare_tool_skips_nan_batches_and_reports_them(tmp_path, monkeypatch, 
     assert expected >= 1
 
     out = tmp_path / "nan"
-    flags = ["--model", "mlp", "--optimizers", "sgdm", "kfac", "--epochs", "1"]
+    flags = ["--model", "mlp", "--optimizers", "sgdm", "kfac", "--epochs", "1", "--no-plots"]
     assert compare.main(["--output", str(out), *flags, "--lr", "kfac=0.03"]) == 0
     err = capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())

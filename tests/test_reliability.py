@@ -15,7 +15,7 @@ import pytest
 
 import tekfax
 from tekfax.experiments import checkpoint
-from tests.conftest import CASES, PRESETS, make_optimizer
+from tests.conftest import CASES, PRESETS, jit, make_optimizer
 from tests.conftest import INTERVALS as SHARED_INTERVALS
 from tests.models import MLP, ConvNet
 
@@ -40,6 +40,7 @@ CONV = ConvNet(kernel_size=(3, 3), channels=(3,), num_classes=CLASSES)
 X_SHAPE = (N, 5, 5, 2)
 
 
+@functools.cache  # each batch is drawn once per process, not once per test and step
 def _batch(k: int, dtype=jnp.float32):
     kx, ky, kr = jax.random.split(jax.random.key(300 + k), 3)
     x = jax.random.normal(kx, X_SHAPE, dtype)
@@ -95,14 +96,24 @@ LOW_PRECISION = {
 }
 
 
+@functools.cache
+def _held_out():
+    """512 held-out examples (x, y), drawn once."""
+    x = jnp.concatenate([_batch(10_000 + k)[0] for k in range(32)])
+    y = jnp.concatenate([_batch(10_000 + k)[1] for k in range(32)])
+    return x, y
+
+
+@jit  # one compiled program for every test, not the model's operations one by one
+def _float32_loss(p32, x, y):
+    logits = CONV.apply({"params": p32}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
 def _eval_loss(params) -> float:
     """Loss of the float32 model with these parameters on 512 held-out examples."""
-    x, y, _ = _batch(10_000)
-    x = jnp.concatenate([x] + [_batch(10_000 + k)[0] for k in range(1, 32)])
-    y = jnp.concatenate([y] + [_batch(10_000 + k)[1] for k in range(1, 32)])
     p32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    logits = CONV.apply({"params": p32}, x)
-    return float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    return float(_float32_loss(p32, *_held_out()))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])

@@ -219,39 +219,56 @@ def test_s_trace_and_diagonal_float32():
         fm.assert_close(layer.rescale, _diag_in_basis(layer, exact), 1e-4, err_msg=name)
 
 
+def _streamed_functions(q_in, q_out):
+    """The statistics sum_over_examples streams, with the layer's bases Q_in, Q_out."""
+    return {
+        "kfac": lambda a, u: curvature.kfac_factors(a, u),
+        "tkfac": lambda a, u: curvature.tkfac_moments(a, u),
+        "per_example": functools.partial(rescale.per_example, q_in=q_in, q_out=q_out),
+        "per_location": lambda a, u: rescale.per_location(a @ q_in, u @ q_out),
+    }
+
+
+def _whole_and_streamed(stats, bases):
+    """Per layer and statistic: (fn on the whole batch's a and u, sum_over_examples of fn)."""
+    whole, streamed = {}, {}
+    for name, st in stats.items():
+        a = patches.input_matrix(st.inputs, st.meta)
+        u = patches.output_matrix(st.out_grads)
+        functions = _streamed_functions(*bases[name])
+        whole[name] = {key: fn(a, u) for key, fn in functions.items()}
+        streamed[name] = {
+            key: patches.sum_over_examples(
+                fn, st.inputs, st.out_grads, st.meta, jnp.float64, per_example=1
+            )
+            for key, fn in functions.items()
+        }
+    return whole, streamed
+
+
 @f64
 @pytest.mark.parametrize("n, budget", [(4, 1), (7, 4), (4, 60)])
 def test_streamed_statistics_equal_whole_batch(monkeypatch, n, budget):
     """sum_over_examples equals the whole batch: 4 chunks of 1; 7 examples (the batch twice,
-    cut) in 2 chunks of 4 with one padding example, whose bias row must be zeroed; one chunk."""
+    cut) in 2 chunks of 4 with one padding example, whose bias row must be zeroed; one chunk.
+    Every layer's whole-batch and streamed statistics are one compiled program (traced with
+    the patched chunk budget), not the operations one by one."""
     _, _, params, _, _ = fm.problem("dampnet")
     out = fm.capture_fn("dampnet", "sampled", 2)(params, *fm.batch("dampnet", 0), jax.random.key(3))
-    for full in fm.flat(out.stats).values():
+    stats, bases = {}, {}
+    for name, full in fm.flat(out.stats).items():
         st = full.replace(
             inputs=jnp.concatenate([full.inputs] * 2)[:n],
             out_grads=jnp.concatenate([full.out_grads] * 2, axis=1)[:, :n],
         )
-        a = patches.input_matrix(st.inputs, st.meta)
-        u = patches.output_matrix(st.out_grads)
         rng = np.random.default_rng(0)
         q_in = jnp.asarray(np.linalg.qr(rng.normal(size=(st.meta.d_in,) * 2))[0])
         q_out = jnp.asarray(np.linalg.qr(rng.normal(size=(st.meta.d_out,) * 2))[0])
-        functions = {
-            "kfac": lambda a, u: curvature.kfac_factors(a, u),
-            "tkfac": lambda a, u: curvature.tkfac_moments(a, u),
-            "per_example": functools.partial(rescale.per_example, q_in=q_in, q_out=q_out),
-            "per_location": lambda a, u, q_in=q_in, q_out=q_out: rescale.per_location(
-                a @ q_in, u @ q_out
-            ),
-        }
-        whole = {key: fn(a, u) for key, fn in functions.items()}
-        monkeypatch.setattr(patches, "CHUNK_ELEMENTS", budget)
-        assert patches.chunking(n, 1) == {1: (1, 1, 4), 4: (1, 4, 2), 60: (1, 4, 1)}[budget]
-        for key, fn in functions.items():
-            got = jit(  # one compiled program, not the scan's operations one by one
-                lambda x, g, fn=fn, meta=st.meta: patches.sum_over_examples(
-                    fn, x, g, meta, jnp.float64, per_example=1
-                )
-            )(st.inputs, st.out_grads)
-            chex.assert_trees_all_close(got, whole[key], rtol=1e-12, atol=1e-12)
-        monkeypatch.undo()
+        stats[name], bases[name] = st, (q_in, q_out)
+    monkeypatch.setattr(patches, "CHUNK_ELEMENTS", budget)
+    assert patches.chunking(n, 1) == {1: (1, 1, 4), 4: (1, 4, 2), 60: (1, 4, 1)}[budget]
+    # A new function, so the program is traced here with this budget, not taken from the
+    # cache of another budget's test of the same shapes.
+    whole, streamed = jit(lambda *args: _whole_and_streamed(*args))(stats, bases)
+    assert set(streamed) == set(stats) and all(len(v) == 4 for v in streamed.values())
+    chex.assert_trees_all_close(streamed, whole, rtol=1e-12, atol=1e-12)

@@ -7,6 +7,7 @@ inputs in float64 and checked against the formula written out with dense matrice
 (Kronecker products, ``numpy.linalg``), independently of the other stages.
 """
 
+import functools
 import math
 
 import jax
@@ -22,6 +23,7 @@ from tekfax.eigenbasis import Eigenbasis
 from tekfax.guard import find_guard_state
 from tekfax.hyperparams import Hyperparams
 from tekfax.kronecker import LayerCurvature, find_kronecker_state, schedule
+from tests.conftest import jit
 from tests.models import MLP
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -314,39 +316,73 @@ def test_state_lookups_find_the_outermost_state_or_name_the_fix():
     jax.tree.map(np.asarray, state)  # still a plain pytree
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["lambda", "nu"])
-@pytest.mark.parametrize("preset", ["kfac", "tkfac", "ekfac", "tekfac"])
-def test_relative_floor_raises_lambda_to_r_times_the_peak_mean_eigenvalue(preset, adaptive):
-    """D equals the plain rule at lambda_eff = max(lambda, r max_t tr(F_hat_t)/dim) (with
-    ``nu``: at nu_eff = max(nu, r max_t tr(F_hat_t))), the trace of each step's undamped block
-    computed densely from the state."""
-    r, small = 0.5, 1e-8
-    model = MLP(features=(2,))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
-    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
-    opt = getattr(tekfax, f"scale_by_{preset}")(
-        **({"nu": small} if adaptive else {"damping": small}),
-        damping_floor=r,
+FLOOR_R, FLOOR_SMALL = 0.5, 1e-8
+FLOOR_PRESETS = ("kfac", "tkfac", "ekfac", "tekfac")
+FLOOR_SCALES = (1.0, 3.0, 0.1)  # the peak holds when curvature shrinks
+
+
+def _floor_opt(preset, adaptive):
+    return getattr(tekfax, f"scale_by_{preset}")(
+        **({"nu": FLOOR_SMALL} if adaptive else {"damping": FLOOR_SMALL}),
+        damping_floor=FLOOR_R,
         curvature_every=1,
         eigen_every=1,
         rescale_every=1,
     )
+
+
+@functools.cache
+def _floor_runs():
+    """{(preset, adaptive): (states, blocks)}, stacked over the steps, of every floor case.
+
+    All eight optimizers take their steps (a ``lax.scan``) inside one compiled program; the
+    un-damped blocks are ``approx_fisher_blocks`` of each step's state, in the same program.
+    """
+    model = MLP(features=(2,))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(np.stack([scale * rng.normal(size=(6, 3)) for scale in FLOOR_SCALES]))
+    cases = [(preset, adaptive) for preset in FLOOR_PRESETS for adaptive in (False, True)]
+
+    def run_all(params, xs):
+        runs = {}
+        for preset, adaptive in cases:
+            opt = _floor_opt(preset, adaptive)
+
+            def step(state, inputs, opt=opt):
+                x, key = inputs
+                out = tekfax.loss_and_curvature(
+                    lambda p: model.apply({"params": p}, x), params, jnp.arange(6) % 2, rng=key
+                )
+                _, state = opt.update(out.grads, state, params, stats=out.stats)
+                return state, (state, tekfax.diagnostics.approx_fisher_blocks(state))
+
+            keys = jax.vmap(jax.random.key)(jnp.arange(len(FLOOR_SCALES)))
+            runs[f"{preset}-{adaptive}"] = jax.lax.scan(step, opt.init(params), (xs, keys))[1]
+        return runs
+
+    runs = jit(run_all)(params, xs)
+    return {case: runs[f"{case[0]}-{case[1]}"] for case in cases}
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["lambda", "nu"])
+@pytest.mark.parametrize("preset", FLOOR_PRESETS)
+def test_relative_floor_raises_lambda_to_r_times_the_peak_mean_eigenvalue(preset, adaptive):
+    """D equals the plain rule at lambda_eff = max(lambda, r max_t tr(F_hat_t)/dim) (with
+    ``nu``: at nu_eff = max(nu, r max_t tr(F_hat_t))), the trace of each step's undamped block
+    computed densely from the state. The eight cases' three steps run in one compiled
+    program (the same updates as one at a time: only the compilation is shared)."""
+    r, small = FLOOR_R, FLOOR_SMALL
     rule = damping.choose_rule(
         "tkfac" if preset.startswith("t") else "kfac", preset.endswith("ekfac"), adaptive
     )
-    state, peak = opt.init(params), 0.0
-    rng = np.random.default_rng(0)
-    for step, scale in enumerate([1.0, 3.0, 0.1]):  # the peak holds when curvature shrinks
-        x = jnp.asarray(scale * rng.normal(size=(6, 3)))
-        out = tekfax.loss_and_curvature(
-            lambda p, x=x: model.apply({"params": p}, x),
-            params,
-            jnp.arange(6) % 2,
-            rng=jax.random.key(step),
-        )
-        _, state = opt.update(out.grads, state, params, stats=out.stats)
+    states, blocks = _floor_runs()[preset, adaptive]
+    peak = 0.0
+    for step in range(len(FLOOR_SCALES)):
+        state = jax.tree.map(lambda v, step=step: v[step], states)
         ((name, layer),) = state.layers.items()
-        block = np.asarray(tekfax.diagnostics.approx_fisher_blocks(state)[name])
+        block = np.asarray(blocks[name][step])
         peak = max(peak, np.trace(block) / block.shape[0])
         _assert_close(layer.peak_mean, peak, rtol=1e-8)
         basis, s, conv = {name: layer.basis}, {name: layer.rescale}, {name: False}

@@ -87,7 +87,7 @@ SEQUENCE_HYPERPARAMETERS: dict[str, dict[str, float]] = {
     },
 }
 # config keys that may change when resuming (everything else must match the first start)
-_RESUMABLE = {"epochs", "grid_epochs", "resume", "progress", "argv", "output"}
+_RESUMABLE = {"epochs", "grid_epochs", "resume", "progress", "plots", "argv", "output"}
 _RESUMABLE |= {"target_accuracy", "target_loss"}
 # the hardware may change on resume: results then agree to float rounding, not bit for bit
 _RESUMABLE |= {"devices", "processes", "coordinator", "num_processes", "process_id"}
@@ -176,6 +176,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     add("--output", help="output folder (default: runs/compare-<timestamp>)")
     add("--resume", action="store_true", help="continue the runs checkpointed in --output")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add(
+        "--no-plots",
+        dest="plots",
+        action="store_false",
+        help="write no curves_*.png (saves matplotlib's import and rendering, a few seconds)",
+    )
 
 
 def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
@@ -489,6 +495,8 @@ def _write_outputs(args, names, payload: dict, out: pathlib.Path, classification
     report.write_json(out / "results.json", payload)
     report.write_csv(out / "results.csv", runs)
     (out / "table.md").write_text(table)
+    if not args.plots:
+        return table
     try:
         report.plot_curves(out, runs, names, classification, f"{args.dataset} / {args.model}")
     except ImportError:

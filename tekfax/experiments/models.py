@@ -157,17 +157,19 @@ class ResNet20(nn.Module):
 
     conv3x3 16 + BN + ReLU, three stages of three basic blocks with 16, 32 and 64 channels
     (stride 2 at the start of stages 2 and 3, with projection shortcuts), global average
-    pooling, Dense.
+    pooling, Dense. ``blocks_per_stage`` (n, default 3) gives He et al.'s ResNet-(6n+2) of
+    the same design: n = 3 is ResNet-20; the tests run n = 1, ResNet-8.
     """
 
     num_classes: int = 10
+    blocks_per_stage: int = 3
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         x = nn.Conv(16, (3, 3), **_CONV)(x)
         x = nn.relu(_batch_norm(train)(x))
         for stage, features in enumerate((16, 32, 64)):
-            for block in range(3):
+            for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = BasicBlock(features, strides)(x, train)
         return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
