@@ -714,9 +714,7 @@ def bench_stages(name: str, batch: int, repeats: int, peak: float) -> list[dict]
     rows = []
     for label, fn, args, interval, key in plan:
         if interval is None:  # the sampled-label pass alone, as a difference of two captures
-            # On CPU loss_and_curvature runs this pass on every step (masked); see capture.py.
-            cpu = jax.default_backend() == "cpu"
-            every = 1 if cpu else DEFAULTS["curvature_every"]
+            every = DEFAULTS["curvature_every"]
             seconds = _sampled_pass_seconds(plan, params, repeats)
             label = "extra sampled-label backward"
         else:

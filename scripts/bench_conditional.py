@@ -1,15 +1,17 @@
-"""Each kernel of a statistics pass timed plain and inside ``lax.cond``: why CPU masks it.
+"""Each kernel of a statistics pass timed plain and inside ``lax.cond``, JAX's form and tekfax's.
 
 ``tekfax.loss_and_curvature`` runs the sampled-label backward pass only on steps that use
-statistics. On GPUs and TPUs it skips the pass with ``lax.cond``. On CPU, for a model with
-a convolution, it runs the pass on every step and masks it instead
-(``tekfax.capture.run_if_needed``, docs/algorithms.md, section 8), because XLA:CPU runs some
-convolutions far slower inside a conditional's branch than outside it. This script shows
-which: it times, jitted on the default device, a matrix product, a 3x3 convolution, the
-convolution's input gradient (what the sampled pass computes through every layer above the
-first) and its kernel gradient, each plainly and as the taken branch of a ``lax.cond``,
-and prints the medians as a table. Run it on a new jax release or backend to check whether
-the masking still pays.
+statistics, skipping it with ``lax.cond`` on the others. That pass is a chain of
+convolution input gradients, and XLA:CPU runs JAX's form of them far slower inside a
+conditional's branch than outside it: JAX's input gradient reads the kernel with its
+feature axes swapped, (..., out, in), and XLA:CPU transposes it into the layout of its
+fast convolution only outside conditionals. Tagged convolutions therefore convolve with
+``tekfax.modules.transposable_conv``, which stores the kernel swapped so that the input
+gradient reads (..., in, out) (docs/algorithms.md, section 8). This script times, jitted
+on the default device, a matrix product, a 3x3 convolution, its input gradient in JAX's
+form and in tekfax's, and its kernel gradient, each plainly and as the taken branch of a
+``lax.cond``, and prints the medians as a table. Run it on a new jax release or backend to
+check whether the branch is still as fast as the plain kernel.
 
     python scripts/bench_conditional.py                     # batch 128, 32x32, 16 channels
     python scripts/bench_conditional.py --batch 256 --size 8 --channels 32
@@ -25,12 +27,12 @@ from bench_eigh import header, median_ms
 from jax import lax
 
 from tekfax.experiments.compare import single_threaded_lapack
+from tekfax.modules import transposable_conv
 
 
-def conv(x: jax.Array, w: jax.Array) -> jax.Array:
+def conv(x: jax.Array, w: jax.Array, convolve=lax.conv_general_dilated) -> jax.Array:
     """A stride-1 'SAME' convolution, NHWC inputs and HWIO kernel (Flax's layout)."""
-    layout = ("NHWC", "HWIO", "NHWC")
-    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=layout)
+    return convolve(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def kernels(batch: int, size: int, channels: int) -> dict:
@@ -44,6 +46,10 @@ def kernels(batch: int, size: int, channels: int) -> dict:
         "matrix product 1024 x 1024": (lambda a: a @ a, m),
         "convolution": (lambda a: conv(a, w), x),
         "convolution, input gradient": (lambda g: jax.vjp(lambda a: conv(a, w), x)[1](g)[0], y),
+        "convolution, input gradient, tekfax form": (
+            lambda g: jax.vjp(lambda a: conv(a, w, transposable_conv), x)[1](g)[0],
+            y,
+        ),
         "convolution, kernel gradient": (lambda g: jax.vjp(lambda k: conv(x, k), w)[1](g)[0], y),
     }
 

@@ -413,37 +413,22 @@ def sampled_output_gradients(
     return jax.vmap(one_draw)(jax.random.split(rng, num_samples))
 
 
-def run_if_needed(
-    compute_stats: bool | jax.Array, pass_fn: Callable[[], Any], mask_on_cpu: bool = False
-) -> Any:
+def run_if_needed(compute_stats: bool | jax.Array, pass_fn: Callable[[], Any]) -> Any:
     """``pass_fn()`` when ``compute_stats`` is true, zeros shaped like its result otherwise.
 
-    A Python bool decides at trace time. A traced flag decides at run time with
-    ``lax.cond``, which skips the pass, except on CPU with ``mask_on_cpu``: there the pass
-    runs and is masked. XLA:CPU runs a convolution's gradients 20-75x slower inside a
-    conditional's branch than outside it (scripts/bench_conditional.py; matrix products and
-    forward convolutions run at the same speed), and the sampled pass is made of input
-    gradients. Measured mean steps with the library's intervals, masked against the cond:
-    digits CNN (batch 256) KFAC 5.6 against 6.4 ms, TEKFAC 6.0 against 7.2 ms; ResNet20
-    (batch 128) KFAC 816-823 against 889-912 ms, TEKFAC 881-896 against 980-996 ms. Dense
-    models gain from the cond: the MNIST auto-encoder's KFAC step 136 against 144 ms, the
-    digits MLP's 1.02 against 1.10 ms (BENCHMARKS.md). :func:`loss_and_curvature` masks on
-    CPU when the model has a convolution (docs/algorithms.md, section 8).
+    A Python bool decides at trace time; a traced flag at run time, with ``lax.cond``, on
+    every backend. On CPU this holds for convolutional models too because tagged
+    convolutions compute their input gradients in XLA:CPU's fast layout inside the branch
+    (:func:`tekfax.modules.transposable_conv`); before, the pass ran on every step there
+    and was masked (docs/algorithms.md, section 8).
+
+    Example:
+      >>> tekfax.capture.run_if_needed(jnp.array(False), lambda: {"u": jnp.ones(2)})
+      {'u': Array([0., 0.], dtype=float32)}
     """
-
-    def masked_pass(flag):
-        return jax.tree_util.tree_map(
-            lambda g: jnp.where(flag, g, jnp.zeros((), g.dtype)), pass_fn()
-        )
-
-    def cond_pass(flag):
-        return cond_shaped_like(flag, pass_fn, zeros_shaped)
-
     if isinstance(compute_stats, bool):
         return pass_fn() if compute_stats else zeros_shaped(jax.eval_shape(pass_fn))
-    if not mask_on_cpu:
-        return cond_pass(compute_stats)
-    return jax.lax.platform_dependent(compute_stats, cpu=masked_pass, default=cond_pass)
+    return cond_shaped_like(compute_stats, pass_fn, zeros_shaped)
 
 
 def output_gradients(
@@ -454,14 +439,13 @@ def output_gradients(
     rng: jax.Array | None = None,
     num_samples: int = 1,
     compute_stats: bool | jax.Array = True,
-    mask_on_cpu: bool = False,
 ) -> dict[str, jax.Array]:
     """Stage 3: per-example u = N d L / d s per layer, (num_samples, N, ..., d_out).
 
     ``fisher="sampled"``: :func:`sampled_output_gradients`; ``fisher="empirical"``: the
     data-label pass of ``fwd``, with a sample axis of 1. u is rescaled from the batch mean's
     gradient to the per-example d l_n / d s and kept in float32 or wider, all inside
-    :func:`run_if_needed` (with ``mask_on_cpu``): a step without statistics spends no pass
+    :func:`run_if_needed`: a step without statistics spends no pass
     over u (on the MNIST auto-encoder the rescaling alone took 3 ms of a 106 ms KFAC step).
 
     Example:
@@ -483,7 +467,7 @@ def output_gradients(
             return per_example({name: g[None] for name, g in fwd.data_out_grads.items()})
         return per_example(sampled_output_gradients(fwd, loss, rng, num_samples))
 
-    return run_if_needed(compute_stats, pass_fn, mask_on_cpu)
+    return run_if_needed(compute_stats, pass_fn)
 
 
 def layer_stats(
@@ -541,8 +525,7 @@ def loss_and_curvature(
       compute_stats: whether the optimizer will consume ``stats`` on this step; pass
         ``tekfax.stats_needed(opt_state)``. When false (a traced bool is fine: the choice is
         made at run time, without recompiling) ``out_grads`` are zeros and the sampled-label
-        backward pass is skipped (on CPU, for models with a convolution, it runs and is
-        masked: measured faster there, :func:`run_if_needed`).
+        backward pass is skipped (:func:`run_if_needed`).
 
     Returns:
       ``CurvatureOutput(loss, grads, stats, aux)``; ``stats`` mirrors the params tree down
@@ -567,7 +550,6 @@ def loss_and_curvature(
         rng=rng,
         num_samples=num_samples,
         compute_stats=compute_stats,
-        mask_on_cpu=any(d.meta.is_conv for d in found.values()),
     )
     stats = layer_stats(found, fwd.inputs, out_grads)
     return CurvatureOutput(fwd.loss, fwd.grads, nest_by_name(stats), fwd.aux)

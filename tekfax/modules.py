@@ -17,10 +17,11 @@ Kronecker-factored block raise a ``ValueError`` naming the layer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -227,6 +228,86 @@ def conv_meta(module: Any, name: str, inputs: jax.Array) -> LayerMeta:
         dilation=dilation,
         has_bias=bool(module.use_bias),
     )
+
+
+def transposable_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """``lax.conv_general_dilated``, computed from the kernel with its feature axes swapped.
+
+    The same convolution (the same arguments, the same result), but the kernel enters it as
+    ``swapaxes(rhs, out, in)`` with dimension numbers to match. JAX's input gradient of a
+    convolution swaps the kernel's feature axes; here that swap undoes this one, so the
+    input gradient reads its kernel as (spatial..., in, out), the layout XLA:CPU's fast
+    convolution expects. Outside a conditional XLA:CPU inserts that transpose itself;
+    inside a ``lax.cond`` branch it does not, and the input gradient ran 10-20x slower
+    there (``scripts/bench_conditional.py``). The sampled-label pass, which runs under
+    ``lax.cond`` only on the steps that use statistics, is a chain of such input gradients
+    (docs/algorithms.md, section 8).
+
+    Example:
+      >>> x, w = jnp.ones((2, 5, 5, 3)), jnp.arange(54.0).reshape(3, 3, 3, 2)
+      >>> args = (x, w, (1, 1), "SAME")
+      >>> kw = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      >>> bool(jnp.allclose(tekfax.modules.transposable_conv(*args, **kw),
+      ...                   jax.lax.conv_general_dilated(*args, **kw)))
+      True
+    """
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    out_axis, in_axis, *spatial = dn.rhs_spec
+    swapped = lax.ConvDimensionNumbers(dn.lhs_spec, (in_axis, out_axis, *spatial), dn.out_spec)
+    return lax.conv_general_dilated(
+        lhs,
+        jnp.swapaxes(rhs, out_axis, in_axis),
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers=swapped,
+        **kwargs,
+    )
+
+
+@contextlib.contextmanager
+def transposable(module: Any) -> Iterator[None]:
+    """While active, a Linen or NNX ``Conv`` convolves with :func:`transposable_conv`.
+
+    Only a ``Conv`` that uses JAX's own convolution is switched (a Linen ``nn.Conv`` whose
+    ``conv_general_dilated`` and ``conv_general_dilated_cls`` are unset, an ``nnx.Conv``
+    whose ``conv_general_dilated`` is ``lax.conv_general_dilated``); every other module,
+    and a convolution the user supplied, is left as it is. :func:`tekfax.tag_layers` runs
+    every tagged call inside it.
+
+    Example:
+      >>> layer = nn.Conv(2, (3, 3)).bind({"params": {"kernel": jnp.ones((3, 3, 1, 2)),
+      ...                                             "bias": jnp.zeros(2)}})
+      >>> with tekfax.modules.transposable(layer):
+      ...     layer.conv_general_dilated is tekfax.modules.transposable_conv
+      True
+      >>> layer.conv_general_dilated is None
+      True
+    """
+    default = None if isinstance(module, nn.Conv) else lax.conv_general_dilated
+    if (
+        not isinstance(module, nn.Conv | nnx.Conv)
+        or module.conv_general_dilated is not default
+        or getattr(module, "conv_general_dilated_cls", None) is not None
+    ):
+        yield
+        return
+    # Linen modules are frozen dataclasses: set the field directly, and restore it after.
+    object.__setattr__(module, "conv_general_dilated", transposable_conv)
+    try:
+        yield
+    finally:
+        object.__setattr__(module, "conv_general_dilated", default)
 
 
 def einsum_rows(equation: str, lhs_shape, kernel_shape, where: str) -> Rows:

@@ -34,7 +34,14 @@ from flax import nnx
 from jax import lax
 
 from tekfax.layers import leaf_names
-from tekfax.modules import EMBEDS, LINEN_MODULES, NNX_MODULES, LayerMeta, describe
+from tekfax.modules import (
+    EMBEDS,
+    LINEN_MODULES,
+    NNX_MODULES,
+    LayerMeta,
+    describe,
+    transposable,
+)
 
 __all__ = ["LayerMeta", "stat_dtype", "tag_layers"]
 
@@ -111,7 +118,8 @@ class _Tagger:
             )
         self._active.add(name)
         try:
-            outputs = next_fun(*args, **kwargs)
+            with transposable(module):
+                outputs = next_fun(*args, **kwargs)
         finally:
             if outermost:
                 self._active.discard(name)

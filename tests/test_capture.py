@@ -6,6 +6,7 @@ expectation of u u^T under the model's predictive distribution for the sampled F
 """
 
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import tekfax
 from tekfax.losses import LOSSES, sample_targets
@@ -485,3 +487,92 @@ def test_sampled_labels_follow_the_softmax():
             np.abs(freq - p[t]), np.broadcast_to(5 * se + 1e-12, freq.shape)
         )
         assert np.all(freq[:, p[t] == 0] == 0)
+
+
+# --- convolutions inside the statistics conditional ------------------------------------------
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """name -> body of every computation in an HLO module's text."""
+    bodies = re.findall(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)^\}", hlo, re.M | re.S)
+    return dict(bodies)
+
+
+def _branch_convolutions(hlo: str) -> list[str]:
+    """The convolution instructions reachable from any conditional's branches."""
+    bodies = _computations(hlo)
+    todo = [
+        name
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", hlo)
+        for name in re.findall(r"%?([\w.\-]+)", group)
+    ]
+    todo += re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", hlo)
+    seen, convs = set(), []
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in bodies:
+            continue
+        seen.add(name)
+        convs += [line for line in bodies[name].splitlines() if " convolution(" in line]
+        todo += re.findall(r"(?:calls|to_apply|computations?)=%?([\w.\-]+)", bodies[name])
+    return convs
+
+
+@pytest.mark.parametrize(
+    ("model", "x_shape"),
+    [
+        (ConvNet(kernel_size=(3,), strides=2, channels=(4, 3)), (2, 9, 2)),
+        (ConvNet(kernel_size=(3, 3), strides=(2, 1), channels=(4, 3)), (2, 7, 5, 2)),
+    ],
+    ids=["conv1d", "conv2d"],
+)
+def test_statistics_pass_reads_conv_kernels_in_xla_cpus_layout(model, x_shape):
+    # Inside a lax.cond branch XLA:CPU does not transpose a kernel read as (..., out, in), as
+    # JAX's input gradient reads it, and runs that convolution 10-20x slower; tagged
+    # convolutions store the kernel swapped so that the sampled pass reads (..., in, out).
+    with jax.enable_x64(False):
+        logits_fn, params, _, y = _setup(model, x_shape, num_classes=4, dtype=jnp.float32)
+
+        def stats(params, flag, rng):
+            out = tekfax.loss_and_curvature(logits_fn, params, y, rng=rng, compute_stats=flag)
+            return [s.out_grads for _, s in tekfax.capture.iter_layer_stats(out.stats)]
+
+        args = (params, jnp.array(True), jax.random.key(0))
+        hlo = jax.jit(stats).lower(*args).compile().as_text()
+    convs = _branch_convolutions(hlo)
+    assert len(convs) >= 1  # the second convolution's input gradient, at least
+    kernels = [re.search(r"dim_labels=\w+_(\w+)->", line).group(1) for line in convs]
+    assert all(k.endswith("io") for k in kernels), kernels
+
+
+def test_transposable_switches_only_jaxs_own_convolution():
+    kernel = {"params": {"kernel": jnp.ones((3, 1, 2)), "bias": jnp.zeros(2)}}
+    own = nn.Conv(2, (3,)).bind(kernel)
+    custom = nn.Conv(2, (3,), conv_general_dilated=jax.lax.conv_general_dilated).bind(kernel)
+    linear = nn.Dense(2).bind({"params": {"kernel": jnp.ones((1, 2)), "bias": jnp.zeros(2)}})
+    nnx_conv = nnx.Conv(1, 2, (3,), rngs=nnx.Rngs(0))
+    for module, switched in [(own, True), (custom, False), (linear, False), (nnx_conv, True)]:
+        before = getattr(module, "conv_general_dilated", None)
+        with tekfax.modules.transposable(module):
+            now = getattr(module, "conv_general_dilated", None)
+            assert (now is tekfax.modules.transposable_conv) == switched
+        assert getattr(module, "conv_general_dilated", None) is before
+
+
+@pytest.mark.parametrize("dims", [("NWC", "WIO", "NWC"), ("NCHW", "OIHW", "NCHW")])
+def test_transposable_conv_is_the_same_convolution(dims):
+    rng = np.random.default_rng(0)
+    lhs_shape, rhs_shape = {1: ((2, 9, 3), (3, 3, 4)), 2: ((2, 3, 7, 6), (4, 3, 3, 2))}[
+        len(dims[0]) - 2
+    ]
+    x, w = rng.standard_normal(lhs_shape), rng.standard_normal(rhs_shape)
+    kwargs = {"dimension_numbers": dims, "rhs_dilation": (2,) * (len(dims[0]) - 2)}
+    strides, padding = (2,) * (len(dims[0]) - 2), [(1, 2)] * (len(dims[0]) - 2)
+
+    def both(conv):
+        fn = lambda x, w: conv(x, w, strides, padding, **kwargs)  # noqa: E731
+        y, vjp = jax.vjp(fn, x, w)
+        return y, vjp(jnp.ones_like(y))
+
+    reference = both(jax.lax.conv_general_dilated)
+    chex.assert_trees_all_close(both(tekfax.modules.transposable_conv), reference, **EXACT)

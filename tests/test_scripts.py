@@ -242,6 +242,7 @@ def test_bench_conditional_times_each_kernel_in_a_conditional_that_xla_keeps():
         "matrix product 1024 x 1024",
         "convolution",
         "convolution, input gradient",
+        "convolution, input gradient, tekfax form",
         "convolution, kernel gradient",
     ]
     # What is timed: each kernel's value, and a real conditional whose other branch gives 0.
