@@ -204,6 +204,23 @@ def test_train_resumes_from_its_orbax_checkpoint_bit_for_bit(tmp_path):
             train(other, dataset, checkpoint_path=path, resume=True, progress=False)
 
 
+def test_checkpoints_after_the_last_epoch_and_at_most_once_a_minute(tmp_path, monkeypatch):
+    """train() saves when CHECKPOINT_SECONDS have passed since the last save, and always
+    after the last epoch; checkpoint_seconds=0 saves after every epoch."""
+    saved = []
+    original = train_module._save
+    monkeypatch.setattr(train_module, "_save", lambda *a: (saved.append(a[-1].epoch), original(*a)))
+    dataset = load_dataset("digits")
+    config = RunConfig("mlp", "sgdm", dict(optimizers.DEFAULTS["sgdm"]), seed=0, epochs=3)
+    train(config, dataset, checkpoint_path=tmp_path / "default", progress=False)
+    assert train_module.CHECKPOINT_SECONDS == 60.0 and saved == [3]
+    assert checkpoint.read(tmp_path / "default")["epoch"] == 3
+    saved.clear()
+    every = tmp_path / "every"
+    train(config, dataset, checkpoint_path=every, checkpoint_seconds=0, progress=False)
+    assert saved == [1, 2, 3] and checkpoint.read(every)["epoch"] == 3
+
+
 def test_train_step_compiles_with_the_tools_compiler_options(monkeypatch):
     """train() jits its step with step_compiler_options(): an option XLA does not know fails
     that step's compilation and names the option."""
