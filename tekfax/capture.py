@@ -417,10 +417,9 @@ def run_if_needed(compute_stats: bool | jax.Array, pass_fn: Callable[[], Any]) -
     """``pass_fn()`` when ``compute_stats`` is true, zeros shaped like its result otherwise.
 
     A Python bool decides at trace time; a traced flag at run time, with ``lax.cond``, on
-    every backend. On CPU this holds for convolutional models too because tagged
-    convolutions compute their input gradients in XLA:CPU's fast layout inside the branch
-    (:func:`tekfax.modules.transposable_conv`); before, the pass ran on every step there
-    and was masked (docs/algorithms.md, section 8).
+    every backend. On CPU that is cheap for convolutional models too: tagged convolutions
+    compute their input gradients in XLA:CPU's fast layout inside the branch
+    (:func:`tekfax.modules.transposable_conv`, docs/algorithms.md, section 8).
 
     Example:
       >>> tekfax.capture.run_if_needed(jnp.array(False), lambda: {"u": jnp.ones(2)})

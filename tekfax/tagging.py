@@ -203,7 +203,8 @@ def tag_layers(
     ``params``, the traced params tree, names NNX layers (Linen layers are named by scope).
     An embedding also used as an output layer (``attend``, tied weights) is left out.
     NNX classes are patched while it is active, so do not trace two models at once in
-    different threads.
+    different threads. A tagged convolution runs :func:`tekfax.modules.transposable_conv`,
+    the same convolution with a kernel layout XLA:CPU differentiates fast under ``lax.cond``.
 
     Example:
       >>> with tekfax.tag_layers() as layers:

@@ -24,9 +24,9 @@ runs ``train`` on the same data and saves the checkpoints, which orbax writes on
 Checkpoints: after the last epoch (or a divergence), and after any epoch that ends at least
 :data:`CHECKPOINT_SECONDS` after the previous save; with several processes after every epoch,
 so that all of them agree on when to save without comparing clocks. A save costs about 0.2 s
-on a 2-core CPU (orbax writes a folder and renames it): every epoch of the default
-comparison's 8 x 20 epochs took 32 of its 64 s when its steps came from the compilation cache.
-An interrupted run therefore loses at most that many seconds of training.
+on a 2-core CPU (orbax writes a folder and renames it): saving after each of the default
+comparison's 8 x 20 epochs took 32 of its 64 s when its steps came from the compilation
+cache. An interrupted run loses at most that many seconds of training.
 
 Sequence tasks (a :mod:`.models` sequence model on a token dataset): the optimizers see
 tekfax's loss, summed over the L positions of a sequence and averaged over the batch, but the
