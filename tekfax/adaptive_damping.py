@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
+from tekfax.conditional import cond
 from tekfax.kronecker import ScaleByKroneckerState, find_kronecker_state
 from tekfax.layers import find_layers, leaf_paths
 from tekfax.patches import grad_matrix
@@ -228,7 +228,7 @@ def _adjusted(
         return adjust_damping(state.damping, rho, *rule[1:]), rho
 
     due = (state.count + 1) % rule.interval == 0
-    return lax.cond(due, adjust, lambda: (state.damping, state.rho))
+    return cond(due, adjust, lambda: (state.damping, state.rho))
 
 
 def _init_fn(inner: optax.GradientTransformationExtraArgs, initial_damping: float):

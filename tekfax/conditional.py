@@ -1,8 +1,10 @@
 """Conditional stages: run a computation only when its result is needed, tracing it once.
 
+Every periodic stage runs under :func:`cond`: ``lax.cond`` when traced, the chosen branch
+alone when called eagerly (and the eigendecomposition's retry under :func:`while_loop`).
 The statistics pass (skip it when no statistics are due) and, off the CPU, the guard's
-inner update (skip it on non-finite gradients) need ``lax.cond(pred, run, stand_in)``
-where the stand-in returns values shaped like ``run``'s outputs.
+inner update (skip it on non-finite gradients) need ``cond(pred, run, stand_in)`` where the
+stand-in returns values shaped like ``run``'s outputs (:func:`cond_shaped_like`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,48 @@ def zeros_shaped(shapes: Any) -> Any:
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def cond(pred: jax.Array | bool, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    """``lax.cond(pred, true_fn, false_fn)``; when ``pred`` is a concrete value, the branch it
+    picks, called directly.
+
+    Under ``jax.jit`` (or ``vmap``, ``grad``) the predicate is traced and this is ``lax.cond``.
+    Called eagerly, ``lax.cond`` would compile both branches again on every call, since each
+    call builds new branch functions: on the two-layer MLP of the docstring examples (2-core
+    CPU) an eager ``tekfac`` update took 2.4-2.9 s on every call that way. Here only the
+    taken branch runs, op by op, and its operations' compilations are cached across calls.
+    The taken branch's output is returned as it is: equal in shape and dtype to
+    ``lax.cond``'s, since ``lax.cond`` requires both branches to agree.
+
+    Example:
+      >>> from tekfax.conditional import cond
+      >>> cond(jnp.array(True), lambda: jnp.ones(2), lambda: jnp.zeros(2))
+      Array([1., 1.], dtype=float32)
+    """
+    if isinstance(pred, jax.core.Tracer):
+        return lax.cond(pred, true_fn, false_fn)
+    return true_fn() if bool(pred) else false_fn()
+
+
+def while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], Any], init: Any) -> Any:
+    """``lax.while_loop(cond_fun, body_fun, init)``; when no leaf of ``init`` is traced, the
+    same loop in Python.
+
+    As for :func:`cond`: called eagerly, ``lax.while_loop`` compiles its body again on every
+    call (the eigendecomposition's retry loop, :mod:`tekfax.eigenbasis`).
+
+    Example:
+      >>> from tekfax.conditional import while_loop
+      >>> int(while_loop(lambda i: i < 3, lambda i: i + 1, jnp.array(0)))
+      3
+    """
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(init)):
+        return lax.while_loop(cond_fun, body_fun, init)
+    carry = init
+    while bool(cond_fun(carry)):
+        carry = body_fun(carry)
+    return carry
+
+
 def cond_shaped_like(pred: jax.Array, run: Callable[[], Any], stand_in: Callable[[Any], Any]):
     """``run()`` if ``pred`` else ``stand_in(shapes)``, with ``shapes`` those of ``run()``.
 
@@ -55,4 +99,4 @@ def cond_shaped_like(pred: jax.Array, run: Callable[[], Any], stand_in: Callable
     def instead():
         return stand_in(recorded[-1] if recorded else jax.eval_shape(run))
 
-    return lax.cond(pred, run_and_record, instead)
+    return cond(pred, run_and_record, instead)

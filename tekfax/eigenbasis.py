@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from tekfax.conditional import while_loop
 from tekfax.curvature import Factors
 
 
@@ -96,13 +97,14 @@ def _eigh_all(
 ) -> list[tuple[jax.Array, jax.Array]]:
     """Symmetrised, clipped eigh of every stack, retried once with jitter if any fails.
 
-    The two attempts are one ``lax.while_loop`` whose body holds each eigh once: the second
-    attempt runs only when the first returned a non-finite value anywhere, and decomposes
-    every matrix again with ``_JITTER`` times its largest diagonal entry added to the
-    diagonal (the first attempt adds exactly 0). A loop rather than a retry branch halves
-    the eigh calls XLA compiles (on the digits CNN the refresh compiled in 1.1 s with a
-    retry branch). Matrices that still fail get (0, I). Inside ``shard_map`` (``axis_name``
-    given) the retry is decided over all devices, so it matches the undistributed one.
+    The two attempts are one ``lax.while_loop`` (:func:`tekfax.conditional.while_loop`)
+    whose body holds each eigh once: the second attempt runs only when the first returned a
+    non-finite value anywhere, and decomposes every matrix again with ``_JITTER`` times its
+    largest diagonal entry added to the diagonal (the first attempt adds exactly 0). A loop
+    rather than a retry branch halves the eigh calls XLA compiles (on the digits CNN the
+    refresh compiled in 1.1 s with a retry branch). Matrices that still fail get (0, I).
+    Inside ``shard_map`` (``axis_name`` given) the retry is decided over all devices, so it
+    matches the undistributed one.
     """
     syms = [_symmetrise(m) for m in stacks]
     eyes = [jnp.eye(s.shape[-1], dtype=s.dtype) for s in syms]
@@ -129,7 +131,7 @@ def _eigh_all(
         [(jnp.zeros(s.shape[:-1], s.dtype), jnp.zeros_like(s)) for s in syms],
         [jnp.zeros(s.shape[:-2], jnp.bool_) for s in syms],
     )
-    _, decomposed, oks = lax.while_loop(again, attempt, start)
+    _, decomposed, oks = while_loop(again, attempt, start)
     return [
         (jnp.where(ok[..., None], jnp.maximum(v, 0.0), 0.0), jnp.where(ok[..., None, None], q, e))
         for (v, q), ok, e in zip(decomposed, oks, eyes, strict=True)

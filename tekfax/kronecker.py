@@ -36,11 +36,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from tekfax import curvature, eigenbasis, precondition, rescale
 from tekfax import damping as damping_rules
 from tekfax.capture import LayerStats, iter_layer_stats
+from tekfax.conditional import cond
 from tekfax.curvature import Factors, all_finite
 from tekfax.damping import FactoredDamping
 from tekfax.eigenbasis import Eigenbasis
@@ -419,7 +419,7 @@ def _estimate_curvature(
     """
     dtypes = {k: v.factor_in.dtype for k, v in old.items()}
     previous = {k: v.factors for k, v in old.items()}
-    factors, accepted = lax.cond(
+    factors, accepted = cond(
         due.curvature,
         lambda: curvature.moving_average(
             previous,
@@ -444,7 +444,7 @@ def _refresh_eigenbasis(
         estimates = {k: curvature.estimate(f, weight) for k, f in factors.items()}
         return eigenbasis.refresh(estimates, pipe.tkfac, pipe.hp.eigen_mesh, pipe.hp.eigen_axis)
 
-    return lax.cond(due.eigen, refresh, lambda: {k: v.basis for k, v in old.items()})
+    return cond(due.eigen, refresh, lambda: {k: v.basis for k, v in old.items()})
 
 
 def _batch_rescale(st: LayerStats, basis: Eigenbasis, dtype: jnp.dtype, mode: str) -> jax.Array:
@@ -483,7 +483,7 @@ def _update_rescale(
             for k, st in active.items()
         }
 
-    return lax.cond(due.rescale, new_rescale, lambda: {k: v.rescale for k, v in old.items()})
+    return cond(due.rescale, new_rescale, lambda: {k: v.rescale for k, v in old.items()})
 
 
 def _learning_rate_at(learning_rate: optax.ScalarOrSchedule | None, count: jax.Array):
@@ -586,7 +586,7 @@ def _cached_inverses(
     def reuse():
         return {k: v.damped for k, v in old.items()}, {k: v.inverses for k, v in old.items()}
 
-    return lax.cond(changed, recompute, reuse)
+    return cond(changed, recompute, reuse)
 
 
 def _precondition(grads, bases, damped, inverses, pipe: _Pipeline, lr) -> dict[str, jax.Array]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tekfax.conditional import cond
 from tekfax.curvature import power_of_two
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ def precondition_factored(
     """
     clip = norm_constraint is not None
     accurate = functools.reduce(jnp.logical_and, [inverses_are_accurate(damped[k]) for k in grads])
-    parts = jax.lax.cond(
+    parts = cond(
         accurate,
         lambda: {k: _with_inverses(g, inverses[k], clip) for k, g in grads.items()},
         lambda: {k: _in_eigenbasis(g, bases[k], damped[k], clip) for k, g in grads.items()},

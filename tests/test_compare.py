@@ -413,6 +413,7 @@ def test_norm_constraint_flag_reaches_the_optimizer_as_a_traced_value():
         opt = optimizers.make_optimizer("kfac", numeric, static, {})
         return opt.update(out.grads, opt.init(params), params, stats=out.stats)[0]
 
+    @functools.partial(jax.jit, static_argnums=0)  # compiled like the tool's: same rounding
     def preset_update(kappa):
         opt = tekfax.kfac(0.1, norm_constraint=kappa)
         return opt.update(out.grads, opt.init(params), params, stats=out.stats)[0]
@@ -449,11 +450,15 @@ def test_weight_decay_flag_preconditions_the_decayed_gradient():
         return opt.update(out.grads, opt.init(params), params, stats=out.stats)[0]
 
     preset = tekfax.kfac(0.1)
-    decayed = jax.tree.map(lambda g, p: g + 0.5 * p, out.grads, params)
-    want = preset.update(decayed, preset.init(params), params, stats=out.stats)[0]
+
+    @jax.jit  # compiled like the tool's: the same rounding
+    def preset_update(grads):
+        return preset.update(grads, preset.init(params), params, stats=out.stats)[0]
+
+    want = preset_update(jax.tree.map(lambda g, p: g + 0.5 * p, out.grads, params))
     got = tool_update(jax.tree.map(jnp.asarray, numeric))
     np.testing.assert_allclose(got["kernel"], want["kernel"], rtol=1e-6)
-    plain = preset.update(out.grads, preset.init(params), params, stats=out.stats)[0]
+    plain = preset_update(out.grads)
     assert float(optax.tree.norm(jax.tree.map(jnp.subtract, got, plain))) > 1e-3
 
     zero = optimizers.resolve(["kfac"], {})["kfac"]
