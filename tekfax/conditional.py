@@ -39,7 +39,7 @@ def cond(pred: jax.Array | bool, true_fn: Callable[[], Any], false_fn: Callable[
     Under ``jax.jit`` (or ``vmap``, ``grad``) the predicate is traced and this is ``lax.cond``.
     Called eagerly, ``lax.cond`` would compile both branches again on every call, since each
     call builds new branch functions: on the two-layer MLP of the docstring examples (2-core
-    CPU) an eager ``tekfac`` update took 2.4-2.9 s on every call that way. Here only the
+    CPU) an eager ``kfac`` or ``tekfac`` update took 2.0-3.1 s a call that way. Here only the
     taken branch runs, op by op, and its operations' compilations are cached across calls.
     The taken branch's output is returned as it is: equal in shape and dtype to
     ``lax.cond``'s, since ``lax.cond`` requires both branches to agree.
