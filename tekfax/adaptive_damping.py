@@ -313,11 +313,12 @@ def adaptive_damping(
       >>> inner = optax.chain(tekfax.scale_by_kfac(damping=1e-3),
       ...                     optax.scale_by_learning_rate(0.1))
       >>> opt = adaptive_damping(inner, initial_damping=1e-2, interval=1)
-      >>> opt_state = opt.init(params)
       >>> def obj_fn(p):
       ...     return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p), y).mean()
-      >>> updates, opt_state = opt.update(grads, opt_state, params, stats=out.stats,
-      ...                                 obj_fn=obj_fn)
+      >>> @jax.jit  # as in a training step
+      ... def update(opt_state):
+      ...     return opt.update(grads, opt_state, params, stats=out.stats, obj_fn=obj_fn)
+      >>> updates, opt_state = update(opt.init(params))
       >>> bool(opt_state.rho > 0.75), current_damping(opt_state)  # lambda * 0.95
       (True, Array(0.0095, dtype=float32))
 
