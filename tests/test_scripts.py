@@ -1,5 +1,6 @@
 """The README's main job runs and learns; the benchmark script runs; the code base is ruff-clean."""
 
+import doctest
 import functools
 import importlib.util
 import inspect
@@ -254,3 +255,28 @@ def test_bench_conditional_times_each_kernel_in_a_conditional_that_xla_keeps():
         assert not np.any(branched((jnp.array(False), arg)))
         text = branched.lower((jnp.array(True), arg)).compile().as_text()
         assert "conditional(" in text
+
+
+# --- scripts/bench_loop.py -------------------------------------------------------------------
+
+
+def test_bench_loop_times_the_tools_step_under_each_feed(capsys):
+    bench = _script("bench_loop")
+    argv = ["--model", "mlp", "--dataset", "digits", "--batch-size", "64"]
+    bench.main([*argv, "--optimizers", "adam", "--steps", "2", "--warmup", "1"])
+    rows = re.findall(
+        r"^\| adam \| ([a-z() ]+) \| ([\d.]+) \| ([\d.]+)x \|$", capsys.readouterr().out, re.M
+    )
+    assert [r[0] for r in rows] == list(bench.FEEDS)
+    assert rows[-1][2] == "1.00"  # the device row is its own reference
+    # The feeds differ only in where the arguments live: the same values, steps and indices.
+    dataset = bench.load_dataset("digits")
+    config = bench.loop.RunConfig("mlp", "adam", bench.optimizers.DEFAULTS["adam"], 0, 1, 64)
+    plan = bench.loop._plan(config, dataset)
+    fed = [bench._feed(kind, plan, bench._batches(dataset, plan, 64, 3), 0) for kind in bench.FEEDS]
+    assert isinstance(fed[0][0][1], np.ndarray) and isinstance(fed[2][0][3], jax.Array)
+    for other in fed[1:]:
+        for got, want in zip(jax.tree.leaves(other), jax.tree.leaves(fed[0]), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    result = doctest.testmod(bench)
+    assert result.attempted > 0 and result.failed == 0
