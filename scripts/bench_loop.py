@@ -5,8 +5,9 @@ On an H100 the tool's loop (``tekfax.experiments.train``) ran every optimizer's 
 1.27 ms, KFAC 8.7 against 3.47 ms); on the CPU the two agree. This script times the tool's
 own compiled step, in one process, fed three ways:
 
-- ``numpy (the tool)``: as the loop feeds it: a NumPy batch, the hyperparameters as NumPy
-  scalars and the step index as ``np.int32``, converted on every call;
+- ``numpy (the tool)``: as the loop feeds it: each batch gathered from the NumPy training
+  set when it is due, the hyperparameters as NumPy scalars and the step index as
+  ``np.int32``, converted on every call;
 - ``device batches``: the batches already on the device, the scalars still NumPy;
 - ``all on device``: every argument already on the device, the step's floor for the loop.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -37,26 +38,26 @@ from tekfax.experiments.data import iterate_batches, load_dataset
 FEEDS = ("numpy (the tool)", "device batches", "all on device")
 
 
-def _batches(dataset, plan, batch_size: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The first ``count`` training batches as the loop makes them (shuffled, targets)."""
-    rng = np.random.default_rng(0)
+def _orders(num_train: int, batch_size: int, count: int) -> list[np.ndarray]:
+    """The example indices of the loop's first ``count`` batches (shuffled per epoch)."""
+    rng, index = np.random.default_rng(0), np.arange(num_train)
     epochs = itertools.chain.from_iterable(
-        iterate_batches(dataset.x_train, dataset.y_train, batch_size, rng, False)
-        for _ in itertools.count()
+        iterate_batches(index, index, batch_size, rng, False) for _ in itertools.count()
     )
-    pairs = itertools.islice(epochs, count)
-    return [(x, loop.targets_for(plan.loss, dataset, x, y)) for x, y in pairs]
+    return [idx for idx, _ in itertools.islice(epochs, count)]
 
 
-def _feed(kind: str, plan, batches: list, first: int) -> list[tuple]:
-    """Per step: (numeric, x, y, index) in the form ``kind`` names."""
+def _steps(kind: str, plan, dataset, orders: list[np.ndarray]) -> Iterator[tuple]:
+    """Per step (numeric, x, y, index) as ``kind`` feeds them; the NumPy feed gathers each
+    batch when it is due, as the loop does, the others before (they are listed first)."""
     numeric = loop._numeric_args(plan.numeric)
-    steps = [(numeric, x, y, np.int32(first + i)) for i, (x, y) in enumerate(batches)]
-    if kind == FEEDS[1]:
-        steps = [(n, *jax.device_put((x, y)), i) for n, x, y, i in steps]
-    if kind == FEEDS[2]:
-        steps = jax.device_put(steps)
-    return steps
+    for i, idx in enumerate(orders):
+        x = dataset.x_train[idx]
+        y = loop.targets_for(plan.loss, dataset, x, dataset.y_train[idx])
+        if kind == FEEDS[1]:
+            x, y = jax.device_put((x, y))
+        args = (numeric, x, y, np.int32(i))
+        yield jax.device_put(args) if kind == FEEDS[2] else args
 
 
 def time_feeds(name: str, dataset, args: argparse.Namespace) -> dict[str, float]:
@@ -66,15 +67,17 @@ def time_feeds(name: str, dataset, args: argparse.Namespace) -> dict[str, float]
     plan = loop._plan(config, dataset)
     state, key = loop._init_state(config, dataset, plan)
     step = loop._programs(config, dataset, plan, state, key, None, True).train_step
-    batches = _batches(dataset, plan, args.batch_size, args.warmup + args.steps)
+    orders = _orders(len(dataset.x_train), args.batch_size, args.warmup + args.steps)
     result = {}
     for kind in FEEDS:
-        fed = _feed(kind, plan, batches, 0)
-        for numeric, x, y, index in fed[: args.warmup]:
+        steps = _steps(kind, plan, dataset, orders)
+        if kind != FEEDS[0]:
+            steps = iter(list(steps))
+        for numeric, x, y, index in itertools.islice(steps, args.warmup):
             *state, _, _ = step(*state, numeric, x, y, key, index)
         jax.block_until_ready(state)
         start = time.perf_counter()
-        for numeric, x, y, index in fed[args.warmup :]:
+        for numeric, x, y, index in steps:
             *state, _, _ = step(*state, numeric, x, y, key, index)
         jax.block_until_ready(state)
         result[kind] = 1e3 * (time.perf_counter() - start) / args.steps

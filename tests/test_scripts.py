@@ -273,7 +273,8 @@ def test_bench_loop_times_the_tools_step_under_each_feed(capsys):
     dataset = bench.load_dataset("digits")
     config = bench.loop.RunConfig("mlp", "adam", bench.optimizers.DEFAULTS["adam"], 0, 1, 64)
     plan = bench.loop._plan(config, dataset)
-    fed = [bench._feed(kind, plan, bench._batches(dataset, plan, 64, 3), 0) for kind in bench.FEEDS]
+    orders = bench._orders(len(dataset.x_train), 64, 3)
+    fed = [list(bench._steps(kind, plan, dataset, orders)) for kind in bench.FEEDS]
     assert isinstance(fed[0][0][1], np.ndarray) and isinstance(fed[2][0][3], jax.Array)
     for other in fed[1:]:
         for got, want in zip(jax.tree.leaves(other), jax.tree.leaves(fed[0]), strict=True):
