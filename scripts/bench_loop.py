@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from bench_eigh import header
 
 from tekfax.experiments import optimizers
 from tekfax.experiments import train as loop
@@ -105,15 +106,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--optimizers", nargs="+", default=["adam", "kfac"])
     parser.add_argument("--learning-rate", type=float, default=0.01)
-    parser.add_argument("--steps", type=int, default=100, help="timed steps per feed")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help="timed steps per feed; a multiple of eigen_every (100) holds one refresh each",
+    )
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
     single_threaded_lapack()
     dataset = load_dataset(args.dataset)
     times = {name: time_feeds(name, dataset, args) for name in args.optimizers}
-    device = jax.devices()[0]
-    print(f"device: {device.platform} ({device.device_kind}); jax {jax.__version__}; ", end="")
-    print(f"{args.model} on {args.dataset}, batch {args.batch_size}, {args.steps} steps per feed")
+    print(header(f"{args.model} on {args.dataset}, batch {args.batch_size}, {args.steps} steps"))
     print(table(times))
 
 
