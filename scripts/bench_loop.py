@@ -40,10 +40,12 @@ FEEDS = ("numpy (the tool)", "device batches", "all on device")
 
 
 def _orders(num_train: int, batch_size: int, count: int) -> list[np.ndarray]:
-    """The example indices of the loop's first ``count`` batches (shuffled per epoch)."""
-    rng, index = np.random.default_rng(0), np.arange(num_train)
+    """The example indices of seed 0's first ``count`` batches, shuffled per epoch by the
+    loop's generator, ``default_rng((seed, epoch))``."""
+    index = np.arange(num_train)
     epochs = itertools.chain.from_iterable(
-        iterate_batches(index, index, batch_size, rng, False) for _ in itertools.count()
+        iterate_batches(index, index, batch_size, np.random.default_rng((0, epoch)), False)
+        for epoch in itertools.count()
     )
     return [idx for idx, _ in itertools.islice(epochs, count)]
 
