@@ -281,3 +281,47 @@ def test_bench_loop_times_the_tools_step_under_each_feed(capsys):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     result = doctest.testmod(bench)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- scripts/compile_floor.py --------------------------------------------------------------
+
+
+def test_compile_floor_minimal_step_is_tekfax_tekfac(x64):
+    """The written-out TEKFAC step trains the digits CNN exactly as tekfax.tekfac does.
+
+    Statistics every step and a refresh every other (steps 0 and 2, not 1). The batch (576)
+    exceeds Dense_0's input width (513), so no factor has a repeated eigenvalue and both
+    eigenbases, hence S, are the same up to signs.
+    """
+    floor = _script("compile_floor")
+    hp = {"curvature_every": 1, "eigen_every": 2, "rescale_every": 1}
+    programs = floor.programs(576)
+    _, (params, _, x, y, key) = programs["sgdm"]
+    params, x = jax.tree.map(lambda v: v.astype(jnp.float64), (params, x))
+    opt = tekfax.tekfac(0.01, damping=0.1, **hp)
+    model = floor.models.create_model("cnn", 10, floor.SHAPE)
+    tekfax_step = jax.jit(floor.tekfax_step(model, opt))
+    minimal = jax.jit(functools.partial(floor.minimal_step, hp=hp))
+    ours, opt_state, theirs, state = params, opt.init(params), params, floor.init(params)
+    for i in range(3):
+        step_key = jax.random.fold_in(key, i)
+        ours, opt_state, _ = tekfax_step(ours, opt_state, x, y, step_key)
+        # tekfax draws the labels with the first of split(rng, num_samples) keys
+        theirs, state, _ = minimal(theirs, state, x, y, jax.random.split(step_key, 1)[0])
+    assert int(state.count) == 3
+    moved = jax.tree.map(lambda a, p: a - p, ours, params)
+    assert_trees_close(jax.tree.map(lambda a, p: a - p, theirs, params), moved, rtol=1e-9)
+    assert all(float(jnp.max(jnp.abs(m))) > 1e-4 for m in jax.tree.leaves(moved))
+
+
+def test_compile_floor_prints_kernels_and_seconds(capsys):
+    floor = _script("compile_floor")
+    floor.main(["--batch", "8", "--repeats", "1"])
+    rows = re.findall(r"^\| ([a-z ]+) \| (\d+) \| ([\d.]+)x \| ([\d.]+) \| ([\d.]+)x \|$",
+                      capsys.readouterr().out, re.M)  # fmt: skip
+    assert [r[0] for r in rows] == ["sgdm", "minimal tekfac", "bare tekfac", "tekfax tekfac"]
+    kernels = {r[0]: int(r[1]) for r in rows}
+    assert rows[0][2] == "1.0" and rows[0][4] == "1.0"
+    # The protections add kernels and tekfax's numerics more; SGD needs the fewest.
+    assert kernels["sgdm"] < kernels["bare tekfac"] < kernels["minimal tekfac"]
+    assert kernels["minimal tekfac"] < kernels["tekfax tekfac"]
