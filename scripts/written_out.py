@@ -1,0 +1,439 @@
+"""tekfax against its algorithm written out in plain JAX: compile time and step time.
+
+Two targets are ratios to SGD that the algorithm itself may not allow: TEKFAC's step on the
+digits CNN compiling in at most 3x SGD's time (XLA:CPU compiles every fused kernel on its
+own, so compile time follows the kernel count), and the MNIST auto-encoder's steps within
+1.2x of their FLOP floor. This script measures the floor a direct implementation reaches.
+For one model and method it compiles and times, in one process:
+
+- ``sgdm``: the Flax model's step with ``optax.sgd`` (momentum 0.9), the reference;
+- ``written out``: :func:`written_out_step`, KFAC or TEKFAC in plain JAX with the
+  algorithm and the defaults' protections only: the forward pass (``lax.conv`` and products
+  on the Flax model's parameters) and backward pass, the sampled-label backward through the
+  same VJP, the factors (KFAC's A and G or TKFAC's moments; convolutions as patches), their
+  bias-corrected averages, ``eigh`` of each factor, KFAC's damped inverse factors or
+  TEKFAC's S per example, the relative damping floor, the norm constraint (KL clip),
+  momentum, one check that skips a non-finite step, and the library's default intervals as
+  ``lax.cond``. It leaves out what protects the numbers beyond that: the power-of-two
+  scaling against overflow, each stage's rejection of non-finite statistics, the ``eigh``
+  retry, the accuracy check of the inverse factors, streaming in chunks;
+- ``written out, bare``: the same without the damping floor, the norm constraint and the
+  check: the formulas alone;
+- ``tekfax``: the library's preset with the same settings (lr 0.01, damping 0.1).
+
+Each row gives the kernels XLA compiles one by one, the compile seconds (lower and compile,
+best of ``--repeats``) and the mean step over ``--steps`` steps (a whole number of
+statistics intervals, so the periodic work is in it). The written-out steps compute what
+tekfax computes: ``tests/test_scripts.py`` runs them side by side in float64 and compares
+the weights.
+
+    python scripts/written_out.py                                  # digits CNN, TEKFAC
+    python scripts/written_out.py --model autoencoder --method kfac --batch 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from typing import Any, NamedTuple
+
+import bench
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from bench_eigh import header
+
+import tekfax
+from tekfax.experiments import models
+from tekfax.experiments.compare import single_threaded_lapack
+
+HP = {"curvature_every": 10, "eigen_every": 100, "rescale_every": 10}  # the defaults
+SHAPES = {"cnn": (8, 8, 1), "autoencoder": (28, 28, 1)}
+PRESETS = {"kfac": tekfax.kfac, "tekfac": tekfax.tekfac}
+
+
+class Spec(NamedTuple):
+    """A sequential model as the written-out step runs it."""
+
+    layers: tuple[tuple[str, tuple[int, int] | None, bool], ...]  # name, conv strides, act
+    activation: Any
+    loss: str
+
+
+def spec(model) -> Spec:
+    """The :class:`Spec` of the experiments' digits CNN or auto-encoder ``model``."""
+    if isinstance(model, models.SmallCNN):
+        convs = (("Conv_0", (1, 1), True), ("Conv_1", (2, 2), True))
+        dense = (("Dense_0", None, True), ("Dense_1", None, False))
+        return Spec(convs + dense, jax.nn.relu, "softmax_cross_entropy")
+    count, code = 2 * len(model.sizes), len(model.sizes) - 1
+    layers = tuple((f"Dense_{i}", None, i not in (code, count - 1)) for i in range(count))
+    return Spec(layers, jnp.tanh, "sigmoid_binary_cross_entropy")
+
+
+class Layer(NamedTuple):
+    """One layer's state: factor sums, eigenbasis, then S (TEKFAC) or the inverses (KFAC)."""
+
+    f_in: jax.Array
+    f_out: jax.Array
+    q_in: jax.Array
+    eig_in: jax.Array
+    q_out: jax.Array
+    eig_out: jax.Array
+    delta: jax.Array  # TKFAC's tr M_Phi
+    s: jax.Array  # TEKFAC's S, (d_in, d_out)
+    inv_in: jax.Array  # KFAC's damped inverse factors
+    inv_out: jax.Array
+    peak: jax.Array  # the largest mean eigenvalue so far, for the damping floor
+
+
+class State(NamedTuple):
+    count: jax.Array
+    weight: jax.Array  # the bias correction of the factor averages
+    layers: dict[str, Layer]
+    momentum: Any
+
+
+def _forward(spec: Spec, params, x, perturb):
+    """The logits and each layer's (input, output), ``perturb`` added to the outputs."""
+    inputs, outputs, h = {}, {}, x
+    for name, strides, act in spec.layers:
+        p = params[name]
+        if strides is None and h.ndim > 2:
+            h = h.reshape(h.shape[0], -1)
+        inputs[name] = h
+        if strides is not None:
+            dims = ("NHWC", "HWIO", "NHWC")
+            z = jax.lax.conv_general_dilated(h, p["kernel"], strides, "SAME", None, None, dims)
+        else:
+            z = h @ p["kernel"]
+        h = outputs[name] = z + p["bias"] + perturb[name]
+        if act:
+            h = spec.activation(h)
+    return h, (inputs, outputs)
+
+
+def _matrix(strides: tuple[int, int] | None, h: jax.Array) -> jax.Array:
+    """The layer's input rows a (N, T, d_in + 1): patches in the kernel's (kh, kw, c) order."""
+    if strides is not None:
+        p = jax.lax.conv_general_dilated_patches(
+            h, (3, 3), strides, "SAME", dimension_numbers=("NHWC", "OIHW", "NHWC")
+        )  # features in (c, kh, kw) order
+        n, y, x, _ = p.shape
+        p = p.reshape(n, y, x, h.shape[-1], 9).swapaxes(-1, -2).reshape(n, y * x, -1)
+    else:
+        p = h[:, None, :]
+    return jnp.concatenate([p, jnp.ones(p.shape[:-1] + (1,), p.dtype)], axis=-1)
+
+
+def _kernel(p) -> jax.Array:
+    """A layer's weights as one (d_in + 1, d_out) matrix, the bias as the last row."""
+    k = p["kernel"].reshape(-1, p["kernel"].shape[-1])
+    return jnp.concatenate([k, p["bias"][None]], axis=0)
+
+
+def _unkernel(m: jax.Array, p) -> dict:
+    return {"kernel": m[:-1].reshape(p["kernel"].shape), "bias": m[-1]}
+
+
+def _eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    values, vectors = jnp.linalg.eigh(0.5 * (m + m.T))
+    return jnp.maximum(values, 0.0), vectors
+
+
+def init(params) -> State:
+    """The state before the first step, in the parameters' dtype."""
+
+    def layer(p):
+        d_in, d_out = _kernel(p).shape
+        zeros = functools.partial(jnp.zeros, dtype=p["kernel"].dtype)
+        eye = functools.partial(jnp.eye, dtype=p["kernel"].dtype)
+        return Layer(
+            zeros((d_in, d_in)), zeros((d_out, d_out)), eye(d_in), zeros(d_in), eye(d_out),
+            zeros(d_out), zeros([]), zeros((d_in, d_out)), eye(d_in), eye(d_out), zeros([]),
+        )  # fmt: skip
+
+    layers = jax.tree.map(layer, params, is_leaf=lambda n: "kernel" in n)
+    weight = jnp.zeros([], jax.tree.leaves(params)[0].dtype)
+    return State(jnp.zeros([], jnp.int32), weight, layers, jax.tree.map(jnp.zeros_like, params))
+
+
+class Settings(NamedTuple):
+    """The step's hyperparameters: the presets' defaults but lr 0.01 and damping 0.1."""
+
+    method: str = "tekfac"
+    lr: float = 0.01
+    damping: float = 0.1
+    momentum: float = 0.9
+    kappa: float = 1e-3  # the norm constraint
+    floor: float = 1.0  # the relative damping floor
+    ema: float = 0.95
+    s_ema: float = 0.95
+    protect: bool = True  # False: no norm constraint, damping floor or finiteness check
+    # (statistics and S, eigh): the presets' curvature_every = rescale_every, eigen_every
+    every: tuple[int, int] = (HP["curvature_every"], HP["eigen_every"])
+
+
+def _factors(method: str, a: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """KFAC's A and G, or TKFAC's moments M_Phi and M_Psi, of one batch."""
+    n, t = a.shape[:2]
+    if method == "kfac":
+        return jnp.einsum("ntd,nte->de", a, a) / (n * t), jnp.einsum("ntd,nte->de", u, u) / n
+    u_sq, a_sq = jnp.sum(u**2, axis=-1), jnp.sum(a**2, axis=-1)  # (N, T)
+    m_phi = jnp.einsum("ntd,nt,nte->de", a, u_sq, a) / n
+    m_psi = jnp.einsum("ntd,nt,nte->de", u, a_sq, u) / n
+    return m_phi, m_psi
+
+
+def _damped(layer: Layer, cfg: Settings) -> jax.Array:
+    """lambda, raised to the relative floor of the layer's peak mean eigenvalue."""
+    return jnp.maximum(cfg.damping, cfg.floor * layer.peak) if cfg.protect else cfg.damping
+
+
+def _refresh(layer: Layer, f_in, f_out, weight, cfg: Settings) -> Layer:
+    """New eigenbases; KFAC's damped inverses with them, and its peak mean eigenvalue."""
+    (e_in, q_in), (e_out, q_out) = _eigh(f_in / weight), _eigh(f_out / weight)
+    layer = layer._replace(q_in=q_in, eig_in=e_in, q_out=q_out, eig_out=e_out)
+    if cfg.method == "tekfac":
+        return layer._replace(delta=jnp.trace(f_in) / weight)
+    if cfg.protect:
+        layer = layer._replace(peak=jnp.maximum(layer.peak, jnp.mean(e_in) * jnp.mean(e_out)))
+    root = jnp.sqrt(_damped(layer, cfg))
+    return layer._replace(
+        inv_in=(q_in / (e_in + root)) @ q_in.T, inv_out=(q_out / (e_out + root)) @ q_out.T
+    )
+
+
+def _statistics(layer: Layer, a, u, weight, due_eigen, cfg: Settings) -> Layer:
+    """One layer on a statistics step: factors, eigenbasis, then S (TEKFAC)."""
+    f_in, f_out = _factors(cfg.method, a, u)
+    f_in, f_out = (cfg.ema * old + (1 - cfg.ema) * new
+                   for old, new in ((layer.f_in, f_in), (layer.f_out, f_out)))  # fmt: skip
+    layer = layer._replace(f_in=f_in, f_out=f_out)
+    layer = jax.lax.cond(
+        due_eigen, lambda: _refresh(layer, f_in, f_out, weight, cfg), lambda: layer
+    )
+    if cfg.method == "kfac":
+        return layer
+    s_init = jnp.outer(layer.eig_in, layer.eig_out) / jnp.where(layer.delta > 0, layer.delta, 1)
+    old = jnp.where(due_eigen, s_init, layer.s)
+    return layer._replace(s=cfg.s_ema * old + (1 - cfg.s_ema) * _rescale(layer, a, u))
+
+
+def _rescale(layer: Layer, a: jax.Array, u: jax.Array) -> jax.Array:
+    """S of one batch, E_n[(Q_in^T grad_n Q_out)^2]; for one position per example the
+    projected gradient is an outer product, so its square is the outer product of squares."""
+    if a.shape[1] == 1:
+        a_sq, u_sq = (a[:, 0] @ layer.q_in) ** 2, (u[:, 0] @ layer.q_out) ** 2
+        return a_sq.T @ u_sq / a.shape[0]
+    per_example = jnp.einsum("ntd,nte->nde", a, u)  # each example's gradient
+    projected = jnp.einsum("di,nde,eo->nio", layer.q_in, per_example, layer.q_out)
+    return jnp.mean(projected**2, axis=0)
+
+
+def _precondition(layer: Layer, g: jax.Array, cfg: Settings) -> tuple[Layer, jax.Array]:
+    """(layer with its peak updated, P(g)): the inverses (KFAC) or the eigenbasis (TEKFAC)."""
+    if cfg.method == "kfac":
+        return layer, layer.inv_in @ g @ layer.inv_out
+    if cfg.protect:
+        layer = layer._replace(peak=jnp.maximum(layer.peak, jnp.mean(layer.s)))
+    y = layer.q_in.T @ g @ layer.q_out / (layer.s + _damped(layer, cfg))
+    return layer, layer.q_in @ y @ layer.q_out.T
+
+
+def written_out_step(spec: Spec, cfg: Settings, params, state: State, x, y, key):
+    """One KFAC or TEKFAC step, written out; returns (params, state, loss)."""
+    stats_every, eigen_every = cfg.every
+    assert eigen_every % stats_every == 0, "refreshes on statistics steps"
+    n = x.shape[0]
+
+    def forward(p, e):
+        return _forward(spec, p, x, e)
+
+    _, (_, shapes) = jax.eval_shape(forward, params, {k: jnp.zeros((), x.dtype) for k in params})
+    perturb = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+    logits, vjp, (inputs, _) = jax.vjp(forward, params, perturb, has_aux=True)
+    loss = tekfax.losses.mean_loss(spec.loss, logits, y)
+
+    def per_example_grad(targets):  # d l_n / d logits
+        return jax.grad(lambda z: tekfax.losses.per_example_loss(spec.loss, z, targets).sum())(
+            logits
+        )
+
+    grads = vjp(per_example_grad(y) / n)[0]
+    ok = jnp.isfinite(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))) if cfg.protect else True
+    stats_due = (state.count % stats_every == 0) & ok
+    due_eigen = (state.count % eigen_every == 0) & ok
+
+    def statistics():
+        sampled = tekfax.losses.sample_targets(spec.loss, key, logits)
+        u = vjp(per_example_grad(sampled).astype(logits.dtype))[1]
+        weight = cfg.ema * state.weight + (1 - cfg.ema)
+        strides = {name: s for name, s, _ in spec.layers}
+        return weight, {
+            k: _statistics(
+                layer, _matrix(strides[k], inputs[k]), u[k].reshape(n, -1, u[k].shape[-1]),
+                weight, due_eigen, cfg,
+            )
+            for k, layer in state.layers.items()
+        }  # fmt: skip
+
+    weight, layers = jax.lax.cond(stats_due, statistics, lambda: (state.weight, state.layers))
+    quad, pre = 0.0, {}
+    for k in layers:
+        g = _kernel(grads[k])
+        layers[k], pre[k] = _precondition(layers[k], g, cfg)
+        quad = quad + jnp.sum(pre[k] * g)
+    if cfg.protect:
+        clip = jnp.minimum(1.0, jnp.sqrt(cfg.kappa / (cfg.lr**2 * jnp.abs(quad))))
+    else:
+        clip = 1.0
+    direction = {k: _unkernel(clip * pre[k], grads[k]) for k in params}
+    # A non-finite step ran no statistics (stats_due & ok), so factors, S and the peak stay
+    # as they were; only momentum, weights and count need the select, fused into updates.
+    keep = (lambda new, old: jnp.where(ok, new, old)) if cfg.protect else (lambda new, old: new)
+    mom = jax.tree.map(lambda m, d: keep(cfg.momentum * m + d, m), state.momentum, direction)
+    new_params = jax.tree.map(lambda p, m: keep(p - cfg.lr * m, p), params, mom)
+    return new_params, State(keep(state.count + 1, state.count), weight, layers, mom), loss
+
+
+def tekfax_step(model, loss: str, opt: optax.GradientTransformation):
+    """The step of ``opt`` (a tekfax preset) on ``model``, statistics only when consumed."""
+
+    def step(params, opt_state, x, y, key):
+        out = tekfax.loss_and_curvature(
+            lambda p: model.apply({"params": p}, x),
+            params,
+            y,
+            loss=loss,
+            rng=key,
+            compute_stats=tekfax.stats_needed(opt_state),
+        )
+        updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
+        return optax.apply_updates(params, updates), opt_state, out.loss
+
+    return step
+
+
+def sgd_step(model, loss: str, opt: optax.GradientTransformation):
+    """The step of a first-order ``opt`` on ``model``."""
+
+    def step(params, opt_state, x, y, key):
+        del key
+
+        def loss_fn(p):
+            return tekfax.losses.mean_loss(loss, model.apply({"params": p}, x), y)
+
+        value, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
+def setup(name: str, batch: int, shape: tuple[int, ...] | None = None):
+    """(model, params, x, y): the experiments' model on a fixed synthetic batch."""
+    shape = shape or SHAPES[name]
+    model = models.create_model(name, 10, shape)
+    params = models.init_variables(model, shape, jax.random.key(0))["params"]
+    rng = np.random.default_rng(0)
+    if name == "autoencoder":
+        x = jnp.asarray(rng.uniform(size=(batch, *shape)), jnp.float32)
+        return model, params, x, x.reshape(batch, -1)
+    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
+    return model, params, x, jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+
+
+def programs(name: str, method: str, batch: int) -> dict[str, tuple]:
+    """Row name -> (step function, its arguments) for the four rows."""
+    model, params, x, y = setup(name, batch)
+    loss, key = spec(model).loss, jax.random.key(1)
+    sgd, preset = optax.sgd(0.01, momentum=0.9), PRESETS[method](0.01, damping=0.1)
+    written = functools.partial(written_out_step, spec(model))
+    return {
+        "sgdm": (sgd_step(model, loss, sgd), (params, sgd.init(params), x, y, key)),
+        f"{method} written out": (
+            functools.partial(written, Settings(method)),
+            (params, init(params), x, y, key),
+        ),
+        f"{method} written out, bare": (
+            functools.partial(written, Settings(method, protect=False)),
+            (params, init(params), x, y, key),
+        ),
+        f"tekfax {method}": (
+            tekfax_step(model, loss, preset),
+            (params, preset.init(params), x, y, key),
+        ),
+    }
+
+
+def floor_flops(name: str, method: str, batch: int, compiled_sgd) -> tuple[float, float]:
+    """(SGD's, the method's) FLOP floor per step, as ``scripts/bench.py`` computes them."""
+    b = bench.setup(name, batch)
+    dims = bench.layer_dims(bench.stats_shapes(b))
+    fwd_bwd, _ = bench.model_flops(compiled_sgd, dims)
+    entry = bench.optimizers([method], ["default"])[f"{method} (default)"]
+    return fwd_bwd, sum(bench.floor_flops(entry, dims, fwd_bwd).values())
+
+
+def measure(fn, args, repeats: int, steps: int) -> tuple[Any, float, float]:
+    """(compiled step, best compile seconds, mean step seconds over ``steps`` after one
+    warm-up)."""
+    best = float("inf")
+    for _ in range(repeats):
+        jax.clear_caches()
+        start = time.perf_counter()
+        compiled = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
+        best = min(best, time.perf_counter() - start)
+    params, state, x, y, key = args
+    params, state = jax.tree.map(jnp.copy, (params, state))  # the steps donate them
+    params, state, _ = compiled(params, state, x, y, key)  # warm-up: a statistics step
+    jax.block_until_ready(params)
+    start = time.perf_counter()
+    for _ in range(steps):
+        params, state, _ = compiled(params, state, x, y, key)
+    jax.block_until_ready(params)
+    return compiled, best, (time.perf_counter() - start) / steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="cnn")
+    parser.add_argument("--method", choices=sorted(PRESETS), default="tekfac")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="compilations; the best counts")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps, after one warm-up")
+    args = parser.parse_args(argv)
+    single_threaded_lapack()
+    rate = bench.matmul_rate()
+    print(
+        header(
+            f"{args.model}, batch {args.batch}, {args.method}; mean of {args.steps} steps; "
+            f"float32 matmul rate {rate / 1e9:.0f} GFLOP/s\n"
+        )
+    )
+    rows = {
+        name: measure(fn, fn_args, args.repeats, args.steps)
+        for name, (fn, fn_args) in programs(args.model, args.method, args.batch).items()
+    }
+    sgd_compiled, sgd_compile, sgd_step_s = rows["sgdm"]
+    floors = floor_flops(args.model, args.method, args.batch, sgd_compiled)
+    print(
+        "| step | kernels | compile (s) | compile / SGD | mean step (ms) | step / SGD "
+        "| floor (GFLOP) | step / floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (compiled, seconds, step) in rows.items():
+        kernels = sum(bench.kernel_sources(compiled.as_text()).values())
+        flops = floors[0] if name == "sgdm" else floors[1]
+        print(
+            f"| {name} | {kernels} | {seconds:.2f} | {seconds / sgd_compile:.1f}x "
+            f"| {1e3 * step:.2f} | {step / sgd_step_s:.2f}x | {flops / 1e9:.3f} "
+            f"| {step * rate / flops:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
