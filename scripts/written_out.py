@@ -41,8 +41,6 @@ from typing import Any, NamedTuple
 import bench
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from bench_eigh import header
 
 import tekfax
@@ -50,8 +48,6 @@ from tekfax.experiments import models
 from tekfax.experiments.compare import single_threaded_lapack
 
 HP = {"curvature_every": 10, "eigen_every": 100, "rescale_every": 10}  # the defaults
-SHAPES = {"cnn": (8, 8, 1), "autoencoder": (28, 28, 1)}
-PRESETS = {"kfac": tekfax.kfac, "tekfac": tekfax.tekfac}
 
 
 class Spec(NamedTuple):
@@ -243,8 +239,12 @@ def _precondition(layer: Layer, g: jax.Array, cfg: Settings) -> tuple[Layer, jax
     return layer, layer.q_in @ y @ layer.q_out.T
 
 
-def written_out_step(spec: Spec, cfg: Settings, params, state: State, x, y, key):
-    """One KFAC or TEKFAC step, written out; returns (params, state, loss)."""
+def written_out_step(spec: Spec, cfg: Settings, params, batch_stats, state: State, x, y, key):
+    """One KFAC or TEKFAC step, written out; returns (params, batch_stats, state, loss).
+
+    The signature is that of ``scripts/bench.py``'s steps; ``batch_stats`` (the models here
+    have none) passes through.
+    """
     stats_every, eigen_every = cfg.every
     assert eigen_every % stats_every == 0, "refreshes on statistics steps"
     n = x.shape[0]
@@ -296,82 +296,30 @@ def written_out_step(spec: Spec, cfg: Settings, params, state: State, x, y, key)
     keep = (lambda new, old: jnp.where(ok, new, old)) if cfg.protect else (lambda new, old: new)
     mom = jax.tree.map(lambda m, d: keep(cfg.momentum * m + d, m), state.momentum, direction)
     new_params = jax.tree.map(lambda p, m: keep(p - cfg.lr * m, p), params, mom)
-    return new_params, State(keep(state.count + 1, state.count), weight, layers, mom), loss
+    new_state = State(keep(state.count + 1, state.count), weight, layers, mom)
+    return new_params, batch_stats, new_state, loss
 
 
-def tekfax_step(model, loss: str, opt: optax.GradientTransformation):
-    """The step of ``opt`` (a tekfax preset) on ``model``, statistics only when consumed."""
-
-    def step(params, opt_state, x, y, key):
-        out = tekfax.loss_and_curvature(
-            lambda p: model.apply({"params": p}, x),
-            params,
-            y,
-            loss=loss,
-            rng=key,
-            compute_stats=tekfax.stats_needed(opt_state),
-        )
-        updates, opt_state = opt.update(out.grads, opt_state, params, stats=out.stats)
-        return optax.apply_updates(params, updates), opt_state, out.loss
-
-    return step
-
-
-def sgd_step(model, loss: str, opt: optax.GradientTransformation):
-    """The step of a first-order ``opt`` on ``model``."""
-
-    def step(params, opt_state, x, y, key):
-        del key
-
-        def loss_fn(p):
-            return tekfax.losses.mean_loss(loss, model.apply({"params": p}, x), y)
-
-        value, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return step
-
-
-def setup(name: str, batch: int, shape: tuple[int, ...] | None = None):
-    """(model, params, x, y): the experiments' model on a fixed synthetic batch."""
-    shape = shape or SHAPES[name]
-    model = models.create_model(name, 10, shape)
-    params = models.init_variables(model, shape, jax.random.key(0))["params"]
-    rng = np.random.default_rng(0)
-    if name == "autoencoder":
-        x = jnp.asarray(rng.uniform(size=(batch, *shape)), jnp.float32)
-        return model, params, x, x.reshape(batch, -1)
-    x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
-    return model, params, x, jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-
-
-def programs(name: str, method: str, batch: int) -> dict[str, tuple]:
-    """Row name -> (step function, its arguments) for the four rows."""
-    model, params, x, y = setup(name, batch)
-    loss, key = spec(model).loss, jax.random.key(1)
-    sgd, preset = optax.sgd(0.01, momentum=0.9), PRESETS[method](0.01, damping=0.1)
-    written = functools.partial(written_out_step, spec(model))
-    return {
-        "sgdm": (sgd_step(model, loss, sgd), (params, sgd.init(params), x, y, key)),
-        f"{method} written out": (
-            functools.partial(written, Settings(method)),
-            (params, init(params), x, y, key),
-        ),
-        f"{method} written out, bare": (
-            functools.partial(written, Settings(method, protect=False)),
-            (params, init(params), x, y, key),
-        ),
-        f"tekfax {method}": (
-            tekfax_step(model, loss, preset),
-            (params, preset.init(params), x, y, key),
-        ),
+def programs(b: bench.Bench, method: str) -> dict[str, tuple]:
+    """Row name -> (step function, its arguments) for the four rows, on ``b``'s model and
+    batch; SGD and the preset as ``scripts/bench.py`` runs them (lr 0.01, damping 0.1)."""
+    entries = bench.optimizers([method], ["default"])
+    params, key = b.variables["params"], jax.random.key(1)
+    written = functools.partial(written_out_step, spec(b.model))
+    preset = entries[f"{method} (default)"]
+    rows = {
+        name: (bench.make_step(b, entry), (params, {}, entry.opt.init(params), b.x, b.y, key))
+        for name, entry in (("sgdm", entries["sgdm"]), (f"tekfax {method}", preset))
     }
+    for name, protect in ((f"{method} written out", True), (f"{method} written out, bare", False)):
+        step = functools.partial(written, Settings(method, protect=protect))
+        rows[name] = (step, (params, {}, init(params), b.x, b.y, key))
+    order = ("sgdm", f"{method} written out", f"{method} written out, bare", f"tekfax {method}")
+    return {name: rows[name] for name in order}
 
 
-def floor_flops(name: str, method: str, batch: int, compiled_sgd) -> tuple[float, float]:
+def floor_flops(b: bench.Bench, method: str, compiled_sgd) -> tuple[float, float]:
     """(SGD's, the method's) FLOP floor per step, as ``scripts/bench.py`` computes them."""
-    b = bench.setup(name, batch)
     dims = bench.layer_dims(bench.stats_shapes(b))
     fwd_bwd, _ = bench.model_flops(compiled_sgd, dims)
     entry = bench.optimizers([method], ["default"])[f"{method} (default)"]
@@ -385,23 +333,22 @@ def measure(fn, args, repeats: int, steps: int) -> tuple[Any, float, float]:
     for _ in range(repeats):
         jax.clear_caches()
         start = time.perf_counter()
-        compiled = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
+        compiled = jax.jit(fn, donate_argnums=(0, 1, 2)).lower(*args).compile()
         best = min(best, time.perf_counter() - start)
-    params, state, x, y, key = args
-    params, state = jax.tree.map(jnp.copy, (params, state))  # the steps donate them
-    params, state, _ = compiled(params, state, x, y, key)  # warm-up: a statistics step
-    jax.block_until_ready(params)
+    donated, (x, y, key) = jax.tree.map(jnp.copy, args[:3]), args[3:]
+    donated = compiled(*donated, x, y, key)[:3]  # warm-up: a statistics step
+    jax.block_until_ready(donated)
     start = time.perf_counter()
     for _ in range(steps):
-        params, state, _ = compiled(params, state, x, y, key)
-    jax.block_until_ready(params)
+        donated = compiled(*donated, x, y, key)[:3]
+    jax.block_until_ready(donated)
     return compiled, best, (time.perf_counter() - start) / steps
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(SHAPES), default="cnn")
-    parser.add_argument("--method", choices=sorted(PRESETS), default="tekfac")
+    parser.add_argument("--model", choices=["autoencoder", "cnn"], default="cnn")
+    parser.add_argument("--method", choices=["kfac", "tekfac"], default="tekfac")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="compilations; the best counts")
     parser.add_argument("--steps", type=int, default=100, help="timed steps, after one warm-up")
@@ -414,12 +361,13 @@ def main(argv: list[str] | None = None) -> None:
             f"float32 matmul rate {rate / 1e9:.0f} GFLOP/s\n"
         )
     )
+    b = bench.setup(args.model, args.batch)
     rows = {
         name: measure(fn, fn_args, args.repeats, args.steps)
-        for name, (fn, fn_args) in programs(args.model, args.method, args.batch).items()
+        for name, (fn, fn_args) in programs(b, args.method).items()
     }
     sgd_compiled, sgd_compile, sgd_step_s = rows["sgdm"]
-    floors = floor_flops(args.model, args.method, args.batch, sgd_compiled)
+    floors = floor_flops(b, args.method, sgd_compiled)
     print(
         "| step | kernels | compile (s) | compile / SGD | mean step (ms) | step / SGD "
         "| floor (GFLOP) | step / floor |"

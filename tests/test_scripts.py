@@ -290,7 +290,7 @@ def test_bench_loop_times_the_tools_step_under_each_feed(capsys):
     ("name", "method", "batch", "shape"),
     [("cnn", "tekfac", 576, None), ("autoencoder", "kfac", 32, (8, 8, 1))],
 )
-def test_written_out_step_is_the_preset(x64, name, method, batch, shape):
+def test_written_out_step_is_the_preset(x64, monkeypatch, name, method, batch, shape):
     """The written-out step trains the model exactly as the tekfax preset does.
 
     Statistics every step and a refresh every other (steps 0 and 2, not 1). For TEKFAC the
@@ -299,24 +299,32 @@ def test_written_out_step_is_the_preset(x64, name, method, batch, shape):
     factors do not depend on the basis (the auto-encoder here is the digits-sized one).
     """
     written = _script("written_out")
-    model, params, x, y = written.setup(name, batch, shape)
-    params, x = jax.tree.map(lambda v: v.astype(jnp.float64), (params, x))
-    y = x.reshape(batch, -1) if name == "autoencoder" else y
+    bench = written.bench
+    if shape is not None:
+        monkeypatch.setitem(bench.SHAPES, name, shape)
+    b = bench.setup(name, batch)
+    variables, x, y = jax.tree.map(
+        lambda v: v.astype(jnp.float64) if v.dtype == jnp.float32 else v, (b.variables, b.x, b.y)
+    )
+    b = b._replace(variables=variables, x=x, y=y)
     every = {"curvature_every": 1, "eigen_every": 2, "rescale_every": 1}
-    opt = written.PRESETS[method](0.01, damping=0.1, **every)
-    spec = written.spec(model)
-    preset_step = jax.jit(written.tekfax_step(model, spec.loss, opt))
+    opt = bench.KRONECKER[method].make(0.01, damping=0.1, **every)
+    preset_step = bench.make_step(b, bench.Entry(opt, method, every))  # donates its arguments
     settings = written.Settings(method, every=(1, 2))
-    written_step = jax.jit(functools.partial(written.written_out_step, spec, settings))
-    ours, opt_state, theirs, state = params, opt.init(params), params, written.init(params)
+    written_step = jax.jit(
+        functools.partial(written.written_out_step, written.spec(b.model), settings)
+    )
+    params = b.variables["params"]
+    ours = (jax.tree.map(jnp.copy, params), {}, opt.init(params))
+    theirs = (params, {}, written.init(params))
     for i in range(3):
         step_key = jax.random.fold_in(jax.random.key(1), i)
-        ours, opt_state, _ = preset_step(ours, opt_state, x, y, step_key)
+        ours = preset_step(*ours, b.x, b.y, step_key)[:3]
         # tekfax draws the labels with the first of split(rng, num_samples) keys
-        theirs, state, _ = written_step(theirs, state, x, y, jax.random.split(step_key, 1)[0])
-    assert int(state.count) == 3
-    moved = jax.tree.map(lambda a, p: a - p, ours, params)
-    assert_trees_close(jax.tree.map(lambda a, p: a - p, theirs, params), moved, rtol=1e-9)
+        theirs = written_step(*theirs, b.x, b.y, jax.random.split(step_key, 1)[0])[:3]
+    assert int(theirs[2].count) == 3
+    moved = jax.tree.map(lambda a, p: a - p, ours[0], params)
+    assert_trees_close(jax.tree.map(lambda a, p: a - p, theirs[0], params), moved, rtol=1e-9)
     assert all(float(jnp.max(jnp.abs(m))) > 1e-5 for m in jax.tree.leaves(moved))
 
 
