@@ -242,6 +242,10 @@ def _precondition(layer: Layer, g: jax.Array, cfg: Settings) -> tuple[Layer, jax
 def written_out_step(spec: Spec, cfg: Settings, params, batch_stats, state: State, x, y, key):
     """One KFAC or TEKFAC step, written out; returns (params, batch_stats, state, loss).
 
+    The formulas of docs/algorithms.md: the factors (section 2), their averages and the
+    schedule (3), factored or fixed damping (4), preconditioning, the KL clip and momentum
+    (5), the relative damping floor and the skipped non-finite step (9).
+
     The signature is that of ``scripts/bench.py``'s steps; ``batch_stats`` (the models here
     have none) passes through.
     """
