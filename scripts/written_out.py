@@ -47,7 +47,7 @@ import tekfax
 from tekfax.experiments import models
 from tekfax.experiments.compare import single_threaded_lapack
 
-HP = {"curvature_every": 10, "eigen_every": 100, "rescale_every": 10}  # the defaults
+assert bench.DEFAULTS["curvature_every"] == bench.DEFAULTS["rescale_every"], "one cond for both"
 
 
 class Spec(NamedTuple):
@@ -169,7 +169,7 @@ class Settings(NamedTuple):
     s_ema: float = 0.95
     protect: bool = True  # False: no norm constraint, damping floor or finiteness check
     # (statistics and S, eigh): the presets' curvature_every = rescale_every, eigen_every
-    every: tuple[int, int] = (HP["curvature_every"], HP["eigen_every"])
+    every: tuple[int, int] = (bench.DEFAULTS["curvature_every"], bench.DEFAULTS["eigen_every"])
 
 
 def _factors(method: str, a: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -304,16 +304,15 @@ def written_out_step(spec: Spec, cfg: Settings, params, batch_stats, state: Stat
     return new_params, batch_stats, new_state, loss
 
 
-def programs(b: bench.Bench, method: str) -> dict[str, tuple]:
+def programs(b: bench.Bench, method: str, preset: bench.Entry) -> dict[str, tuple]:
     """Row name -> (step function, its arguments) for the four rows, on ``b``'s model and
     batch; SGD and the preset as ``scripts/bench.py`` runs them (lr 0.01, damping 0.1)."""
-    entries = bench.optimizers([method], ["default"])
     params, key = b.variables["params"], jax.random.key(1)
     written = functools.partial(written_out_step, spec(b.model))
-    preset = entries[f"{method} (default)"]
+    sgd = bench.optimizers(["sgdm"])["sgdm"]
     rows = {
         name: (bench.make_step(b, entry), (params, {}, entry.opt.init(params), b.x, b.y, key))
-        for name, entry in (("sgdm", entries["sgdm"]), (f"tekfax {method}", preset))
+        for name, entry in (("sgdm", sgd), (f"tekfax {method}", preset))
     }
     for name, protect in ((f"{method} written out", True), (f"{method} written out, bare", False)):
         step = functools.partial(written, Settings(method, protect=protect))
@@ -322,12 +321,11 @@ def programs(b: bench.Bench, method: str) -> dict[str, tuple]:
     return {name: rows[name] for name in order}
 
 
-def floor_flops(b: bench.Bench, method: str, compiled_sgd) -> tuple[float, float]:
-    """(SGD's, the method's) FLOP floor per step, as ``scripts/bench.py`` computes them."""
+def floor_flops(b: bench.Bench, preset: bench.Entry, compiled_sgd) -> tuple[float, float]:
+    """(SGD's, the preset's) FLOP floor per step, as ``scripts/bench.py`` computes them."""
     dims = bench.layer_dims(bench.stats_shapes(b))
     fwd_bwd, _ = bench.model_flops(compiled_sgd, dims)
-    entry = bench.optimizers([method], ["default"])[f"{method} (default)"]
-    return fwd_bwd, sum(bench.floor_flops(entry, dims, fwd_bwd).values())
+    return fwd_bwd, sum(bench.floor_flops(preset, dims, fwd_bwd).values())
 
 
 def measure(fn, args, repeats: int, steps: int) -> tuple[Any, float, float]:
@@ -366,12 +364,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     b = bench.setup(args.model, args.batch)
+    preset = bench.optimizers([args.method], ["default"])[f"{args.method} (default)"]
     rows = {
         name: measure(fn, fn_args, args.repeats, args.steps)
-        for name, (fn, fn_args) in programs(b, args.method).items()
+        for name, (fn, fn_args) in programs(b, args.method, preset).items()
     }
     sgd_compiled, sgd_compile, sgd_step_s = rows["sgdm"]
-    floors = floor_flops(b, args.method, sgd_compiled)
+    floors = floor_flops(b, preset, sgd_compiled)
     print(
         "| step | kernels | compile (s) | compile / SGD | mean step (ms) | step / SGD "
         "| floor (GFLOP) | step / floor |"
